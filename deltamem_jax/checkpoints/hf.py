@@ -1,0 +1,235 @@
+"""Hugging Face checkpoints ↔ :class:`DecoderLM` parameters.
+
+Reads a local model directory (``config.json`` + one or several ``*.safetensors``,
+with ``model.safetensors.index.json`` when sharded) straight into the target
+dtype and, when a mesh is given, the target sharding: each tensor is read once
+per host (memory-mapped) and every device receives only its own slice. Writes the
+same layout back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Callable, Iterator, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from deltamem_jax.memory_config import DeltaMemConfig
+from deltamem_jax.models.config import DecoderConfig
+from deltamem_jax.models.decoder import DecoderLM
+from deltamem_jax.sharding import Rules, state_shardings
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class Tensor(NamedTuple):
+    """How one backbone parameter maps to one HF tensor."""
+    path: tuple                      # path in the NNX state
+    name: str                        # HF tensor name
+    to_ours: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _same(x):
+    return x
+
+
+def tensor_map(config: DecoderConfig) -> list[Tensor]:
+    """Every backbone parameter of ``config`` with its HF name and layout transforms."""
+    c = config
+    d, nh, nkv, hd, f = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+                         c.head_dim, c.intermediate_size)
+    out = [Tensor(("embed_tokens",), "model.embed_tokens.weight", _same, _same),
+           Tensor(("norm", "weight"), "model.norm.weight", _same, _same)]
+    if not c.tie_word_embeddings:
+        out.append(Tensor(("lm_head",), "lm_head.weight", np.transpose, np.transpose))
+
+    def in_out(shape):      # ours [d, n, hd]  <-  HF [n*hd, d]
+        return (lambda w: w.T.reshape(shape), lambda w: w.reshape(shape[0], -1).T)
+
+    def out_in(shape):      # ours [n, hd, d]  <-  HF [d, n*hd]
+        return (lambda w: w.T.reshape(shape), lambda w: w.reshape(-1, shape[-1]).T)
+
+    for i in range(c.num_hidden_layers):
+        p, n = ("layers", i), f"model.layers.{i}."
+        a = p + ("self_attn",)
+        out += [
+            Tensor(p + ("input_layernorm", "weight"), n + "input_layernorm.weight", _same, _same),
+            Tensor(p + ("post_attention_layernorm", "weight"),
+                   n + "post_attention_layernorm.weight", _same, _same),
+            Tensor(a + ("q_proj",), n + "self_attn.q_proj.weight", *in_out((d, nh, hd))),
+            Tensor(a + ("k_proj",), n + "self_attn.k_proj.weight", *in_out((d, nkv, hd))),
+            Tensor(a + ("v_proj",), n + "self_attn.v_proj.weight", *in_out((d, nkv, hd))),
+            Tensor(a + ("o_proj",), n + "self_attn.o_proj.weight", *out_in((nh, hd, d))),
+            Tensor(p + ("mlp", "gate_proj"), n + "mlp.gate_proj.weight", np.transpose, np.transpose),
+            Tensor(p + ("mlp", "up_proj"), n + "mlp.up_proj.weight", np.transpose, np.transpose),
+            Tensor(p + ("mlp", "down_proj"), n + "mlp.down_proj.weight", np.transpose, np.transpose),
+        ]
+        if c.attention_bias:
+            for x, heads in (("q", nh), ("k", nkv), ("v", nkv)):
+                out.append(Tensor(a + (f"{x}_bias",), n + f"self_attn.{x}_proj.bias",
+                                  (lambda h: lambda w: w.reshape(h, hd))(heads),
+                                  lambda w: w.reshape(-1)))
+            out.append(Tensor(a + ("o_bias",), n + "self_attn.o_proj.bias", _same, _same))
+        if c.mlp_bias:
+            for x in ("gate", "up", "down"):
+                out.append(Tensor(p + ("mlp", f"{x}_bias"), n + f"mlp.{x}_proj.bias", _same, _same))
+        if c.qk_norm:
+            out += [Tensor(a + ("q_norm", "weight"), n + "self_attn.q_norm.weight", _same, _same),
+                    Tensor(a + ("k_norm", "weight"), n + "self_attn.k_norm.weight", _same, _same)]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+class SafetensorsDir:
+    """Lazy access to every tensor of a (possibly sharded) safetensors checkpoint."""
+
+    def __init__(self, path: str):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model directory {path!r} does not exist")
+        index = os.path.join(path, INDEX_FILE)
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        else:
+            files = sorted(x for x in os.listdir(path) if x.endswith(".safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no *.safetensors files in {path!r}")
+            weight_map = {}
+            for file in files:
+                with safe_open(os.path.join(path, file), "np") as f:
+                    weight_map.update({k: file for k in f.keys()})
+        self.path = path
+        self.weight_map: dict[str, str] = weight_map
+        self._handles: dict[str, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.weight_map:
+            raise KeyError(f"tensor {name!r} not found in checkpoint {self.path!r}")
+        file = self.weight_map[name]
+        if file not in self._handles:
+            full = os.path.join(self.path, file)
+            if not os.path.isfile(full):
+                raise FileNotFoundError(f"{INDEX_FILE} names {file!r}, which is missing")
+            self._handles[file] = safe_open(full, "np")
+        return self._handles[file].get_tensor(name)
+
+
+def load_hf_model(path: str, *, memory: Optional[DeltaMemConfig] = None,
+                  mesh: Optional[jax.sharding.Mesh] = None, rules: Optional[Rules] = None,
+                  rngs: Optional[nnx.Rngs] = None, **config_overrides) -> DecoderLM:
+    """Load a local HF checkpoint as a :class:`DecoderLM` (optionally with fresh δ-mem).
+
+    ``config_overrides`` set run-time fields such as ``dtype="bfloat16"``,
+    ``param_dtype="bfloat16"`` or ``remat=True``. With ``mesh`` (and logical
+    ``rules``) every weight lands directly in its sharding.
+    """
+    config = DecoderConfig.from_pretrained(path, **config_overrides)
+    start = time.perf_counter()
+    abstract = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh, rules or ()) if mesh is not None else None
+    source = SafetensorsDir(path)
+    flat = dict(nnx.to_flat_state(abstract_state))
+    sh_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+    expected = {t.path for t in tensor_map(config)}
+    missing_paths = set(flat) - expected
+    if missing_paths:
+        raise RuntimeError(f"no HF mapping for parameters {sorted(missing_paths)}")
+    values = {}
+    nbytes = 0
+    for t in tensor_map(config):
+        var = flat[t.path]
+        target = var.get_value()
+        raw = source.get(t.name)
+        try:
+            arr = t.to_ours(raw)
+        except ValueError as e:
+            raise ValueError(f"checkpoint tensor {t.name!r} has shape {raw.shape}, which does not "
+                             f"fit parameter {'.'.join(map(str, t.path))} {target.shape}") from e
+        if arr.shape != target.shape:
+            raise ValueError(f"checkpoint tensor {t.name!r} has shape {raw.shape}; expected "
+                             f"{target.shape} (in our layout) for this config.json")
+        arr = arr.astype(_np_dtype(target.dtype))
+        nbytes += arr.nbytes
+        sharding = sh_flat.get(t.path)
+        values[t.path] = (jax.make_array_from_callback(arr.shape, sharding, lambda i, a=arr: a[i])
+                          if sharding is not None else jnp.asarray(arr))
+    for path, value in values.items():
+        flat[path].set_value(value)
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    log.info("loaded %s: %.1f MB in %.2f s", path, nbytes / 1e6, time.perf_counter() - start)
+    if memory is not None:
+        model.attach_memory(memory, rngs=rngs or nnx.Rngs(0))
+    return model
+
+
+def _np_dtype(dtype):
+    return ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else np.dtype(dtype)
+
+
+# ---------------------------------------------------------------------------
+# Writing
+
+
+def backbone_tensors(model: DecoderLM) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, array in HF layout) for every backbone parameter."""
+    state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for t in tensor_map(model.config):
+        yield t.name, np.ascontiguousarray(t.to_hf(np.asarray(jax.device_get(state[t.path].get_value()))))
+
+
+def save_hf_model(model: DecoderLM, path: str, *, max_shard_bytes: int = 2 << 30) -> None:
+    """Write ``config.json`` and safetensors (sharded with an index when large)."""
+    os.makedirs(path, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, arr in backbone_tensors(model):
+        if shards[-1] and size + arr.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = arr
+        size += arr.nbytes
+    if len(shards) == 1:
+        _atomic_save(shards[0], os.path.join(path, SINGLE_FILE))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_save(shard, os.path.join(path, file))
+            weight_map.update({k: file for k in shard})
+        total = sum(a.nbytes for s in shards for a in s.values())
+        _atomic_json({"metadata": {"total_size": total}, "weight_map": weight_map},
+                     os.path.join(path, INDEX_FILE))
+    _atomic_json(model.config.to_hf_dict(), os.path.join(path, "config.json"))
+
+
+def _atomic_save(tensors, file):
+    tmp = file + ".tmp"
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, file)
+
+
+def _atomic_json(obj, file):
+    tmp = file + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, file)

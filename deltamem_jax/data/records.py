@@ -1,0 +1,125 @@
+"""Chat records: loading and validation.
+
+A record is ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``.
+Bad records are counted per reason and skipped, with one warning per load;
+they never crash a run.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+from typing import Any, Iterable, Optional
+
+__all__ = ["ROLES", "record_problem", "clean_records", "load_records", "warn_skipped"]
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+
+
+def record_problem(record: Any) -> Optional[str]:
+    """Why ``record`` is unusable (a short reason), or None if it is fine."""
+    if not isinstance(record, dict):
+        return "not_a_mapping"
+    messages = record.get("messages")
+    if not isinstance(messages, (list, tuple)):
+        return "missing_messages"
+    if not messages:
+        return "empty_conversation"
+    for m in messages:
+        if not isinstance(m, dict):
+            return "message_not_a_mapping"
+        role = m.get("role")
+        if role is None:
+            return "missing_role"
+        if role not in ROLES:
+            return "unknown_role"
+        if not isinstance(m.get("content"), str):
+            return "non_string_content"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no_assistant_message"
+    return None
+
+
+def warn_skipped(counts: collections.Counter, total: int, what: str) -> None:
+    """Log ONE warning naming the skip counts (nothing if none were skipped)."""
+    if counts:
+        detail = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+        log.warning("%s: skipped %d item(s) out of %d records: %s", what, sum(counts.values()), total, detail)
+
+
+def clean_records(
+    records: Iterable[Any], what: str = "records", warn: bool = True
+) -> tuple[list[dict], collections.Counter]:
+    """Keep valid records, normalised to role/content only; count the rest per reason."""
+    kept: list[dict] = []
+    counts: collections.Counter = collections.Counter()
+    total = 0
+    for r in records:
+        total += 1
+        problem = record_problem(r)
+        if problem is not None:
+            counts[problem] += 1
+            continue
+        kept.append({"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]})
+    if warn:
+        warn_skipped(counts, total, what)
+    return kept, counts
+
+
+def _read_json_file(path: str, counts: collections.Counter) -> list[Any]:
+    # stdlib, not `datasets`: Arrow schema inference rejects mixed types, which
+    # is exactly what a bad record looks like, and we must skip it, not crash.
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    stripped = text.lstrip()
+    if path.endswith(".json") and stripped.startswith("["):
+        try:
+            return list(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"load_records: {path!r} is not valid JSON: {e}") from e
+    rows = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            counts["invalid_json"] += 1
+    return rows
+
+
+def load_records(source: str | os.PathLike, split: str = "train") -> list[dict]:
+    """Load and validate chat records.
+
+    ``source``: a local ``.json`` (a list, or one object per line), ``.jsonl``
+    or ``.parquet`` file, or a Hugging Face hub dataset name (needs a network;
+    ``split`` picks the split). Returns only valid, normalised records.
+    """
+    src = os.fspath(source)
+    pre: collections.Counter = collections.Counter()
+    if os.path.isfile(src):
+        if src.endswith((".json", ".jsonl")):
+            rows = _read_json_file(src, pre)
+        elif src.endswith(".parquet"):
+            import datasets
+
+            rows = list(datasets.load_dataset("parquet", data_files=src, split="train"))
+        else:
+            raise ValueError(f"load_records: unsupported file type {src!r} (use .json, .jsonl or .parquet)")
+    elif os.path.exists(src):
+        raise ValueError(f"load_records: {src!r} is not a file")
+    else:
+        import datasets
+
+        try:
+            rows = list(datasets.load_dataset(src, split=split))
+        except Exception as e:  # noqa: BLE001 - re-raised with context
+            raise ValueError(f"load_records: {src!r} is not a local file and could not be loaded from the hub: {e}") from e
+    kept, counts = clean_records(rows, warn=False)
+    counts.update(pre)
+    warn_skipped(counts, len(rows) + sum(pre.values()), f"load_records({src!r})")
+    return kept

@@ -1,0 +1,1 @@
+"""Evaluation utilities: answer scoring, LoCoMo loading/rendering and result reports."""

@@ -1,0 +1,261 @@
+"""Answer normalisation and scorers (pure Python; no JAX, no model code).
+
+Two families:
+
+* SQuAD-style: :func:`normalize_answer`, :func:`exact_match`, :func:`token_f1`.
+* LoCoMo-style, as used by the LoCoMo paper and the δ-mem authors:
+  :func:`normalize_locomo_answer` (also drops commas and the word "and", NFD),
+  Porter-stemmed token F1 (:func:`locomo_f1`), the category-1 multi-answer F1
+  (:func:`locomo_multi_answer_f1`), the category-3 gold cut at the first ';',
+  category 5 (adversarial) not scored unless asked for, prediction
+  post-processing (:func:`postprocess_prediction`) and per-category / overall
+  (micro) aggregation (:func:`aggregate_by_category`).
+
+Edge case shared by every F1 here: if both token lists are empty the F1 is
+1.0, if only one is empty it is 0.0 (SQuAD v2 convention).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+import unicodedata
+from collections import Counter
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+__all__ = [
+    "LOCOMO_CATEGORY_NAMES",
+    "LOCOMO_SCORED_CATEGORIES",
+    "normalize_answer",
+    "exact_match",
+    "token_f1",
+    "f1_from_tokens",
+    "normalize_locomo_answer",
+    "locomo_tokens",
+    "locomo_f1",
+    "locomo_multi_answer_f1",
+    "locomo_adversarial_score",
+    "locomo_gold_answer",
+    "postprocess_prediction",
+    "score_locomo_answer",
+    "score_locomo",
+    "aggregate_by_category",
+    "locomo_summary_row",
+]
+
+#: Category ids of the public LoCoMo file -> reasoning type (LoCoMo paper).
+LOCOMO_CATEGORY_NAMES: Dict[int, str] = {
+    1: "multi_hop",
+    2: "temporal",
+    3: "open_domain",
+    4: "single_hop",
+    5: "adversarial",
+}
+#: The categories the δ-mem authors run and score (category 5 is skipped).
+LOCOMO_SCORED_CATEGORIES: Tuple[int, ...] = (1, 2, 3, 4)
+
+_PUNCT = frozenset(string.punctuation)
+_SQUAD_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_LOCOMO_STOPWORDS = re.compile(r"\b(a|an|the|and)\b")
+
+
+# --------------------------------------------------------------------------
+# SQuAD-style
+# --------------------------------------------------------------------------
+
+def _strip_punct(text: str) -> str:
+    return "".join(ch for ch in text if ch not in _PUNCT)
+
+
+def normalize_answer(text: object) -> str:
+    """Lowercase, strip ASCII punctuation, drop a/an/the, collapse whitespace."""
+    s = _strip_punct(str(text).lower())
+    s = _SQUAD_ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def exact_match(prediction: object, gold: object) -> float:
+    """1.0 if the normalised strings are equal, else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def f1_from_tokens(pred_tokens: Sequence[str], gold_tokens: Sequence[str]) -> float:
+    """Bag-of-tokens F1 between two token lists."""
+    if not pred_tokens or not gold_tokens:
+        return float(len(pred_tokens) == len(gold_tokens))
+    common = Counter(pred_tokens) & Counter(gold_tokens)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision = same / len(pred_tokens)
+    recall = same / len(gold_tokens)
+    return 2.0 * precision * recall / (precision + recall)
+
+
+def token_f1(prediction: object, gold: object) -> float:
+    """SQuAD token F1 on :func:`normalize_answer` tokens."""
+    return f1_from_tokens(normalize_answer(prediction).split(), normalize_answer(gold).split())
+
+
+# --------------------------------------------------------------------------
+# LoCoMo-style
+# --------------------------------------------------------------------------
+
+_STEMMER = None
+
+
+def _stem(token: str) -> str:
+    global _STEMMER
+    if _STEMMER is None:
+        from nltk.stem import PorterStemmer  # needs no corpus download
+
+        _STEMMER = PorterStemmer()
+    return _STEMMER.stem(token)
+
+
+def normalize_locomo_answer(text: object) -> str:
+    """LoCoMo normalisation: drop commas, NFD, lowercase, strip punctuation,
+    drop the words a/an/the/and, collapse whitespace (no stemming)."""
+    s = str(text).replace(",", "")
+    s = unicodedata.normalize("NFD", s).lower()
+    s = _strip_punct(s)
+    s = _LOCOMO_STOPWORDS.sub(" ", s)
+    return " ".join(s.split())
+
+
+def locomo_tokens(text: object) -> List[str]:
+    """Porter-stemmed tokens of :func:`normalize_locomo_answer`."""
+    return [_stem(t) for t in normalize_locomo_answer(text).split()]
+
+
+def locomo_f1(prediction: object, gold: object) -> float:
+    """Token F1 on LoCoMo-normalised, Porter-stemmed tokens."""
+    return f1_from_tokens(locomo_tokens(prediction), locomo_tokens(gold))
+
+
+def locomo_multi_answer_f1(prediction: object, gold: object) -> float:
+    """Category-1 F1: split both on ',', then average over the gold parts of
+    the best :func:`locomo_f1` against any predicted part."""
+    preds = [p.strip() for p in str(prediction).split(",")]
+    golds = [g.strip() for g in str(gold).split(",")]
+    return sum(max(locomo_f1(p, g) for p in preds) for g in golds) / len(golds)
+
+
+def locomo_adversarial_score(prediction: object) -> float:
+    """Category-5 rule of the LoCoMo paper: 1.0 if the prediction says the
+    information is not available ("not mentioned" / "no information available")."""
+    p = str(prediction).lower()
+    return float("not mentioned" in p or "no information available" in p)
+
+
+def locomo_gold_answer(gold: object, category: int) -> str:
+    """Gold answer as scored: str(); category 3 keeps the text before the first ';'."""
+    g = str(gold)
+    if int(category) == 3:
+        g = g.split(";")[0].strip()
+    return g
+
+
+_LEADING_MARKER = re.compile(r"^\s*(?:answer\s*:|\(?[ab]\))\s*")
+
+
+def postprocess_prediction(text: object) -> str:
+    """First non-empty line, lowercased, stripped, with leading "answer:" and
+    option markers "(a)", "(b)", "a)", "b)" removed (repeatedly)."""
+    line = ""
+    for candidate in str(text).splitlines():
+        if candidate.strip():
+            line = candidate
+            break
+    s = line.strip().lower()
+    while True:
+        stripped = _LEADING_MARKER.sub("", s, count=1)
+        if stripped == s:
+            break
+        s = stripped
+    return s.strip()
+
+
+def score_locomo_answer(
+    prediction: object,
+    gold: object,
+    category: int,
+    *,
+    score_adversarial: bool = False,
+    postprocess: bool = True,
+) -> Optional[float]:
+    """Score one LoCoMo prediction. Returns None when the question is not
+    scored (category 5 with ``score_adversarial=False``, the authors' default)."""
+    category = int(category)
+    pred = postprocess_prediction(prediction) if postprocess else str(prediction)
+    if category == 5:
+        return locomo_adversarial_score(pred) if score_adversarial else None
+    if category not in LOCOMO_CATEGORY_NAMES:
+        raise ValueError(f"unknown LoCoMo category {category!r} (expected 1-5)")
+    g = locomo_gold_answer(gold, category)
+    if category == 1:
+        return locomo_multi_answer_f1(pred, g)
+    return locomo_f1(pred, g)
+
+
+def aggregate_by_category(records: Iterable[Tuple[int, Optional[float]]]) -> dict:
+    """Aggregate (category, score) pairs; None scores are skipped.
+
+    Returns ``{"overall": micro mean over all scored items (nan if none),
+    "n": count, "per_category": {cat: mean}, "counts": {cat: n}}`` with
+    categories sorted ascending.
+    """
+    sums: Dict[int, float] = {}
+    counts: Dict[int, int] = {}
+    for category, score in records:
+        if score is None:
+            continue
+        c = int(category)
+        sums[c] = sums.get(c, 0.0) + float(score)
+        counts[c] = counts.get(c, 0) + 1
+    n = sum(counts.values())
+    total = sum(sums.values())
+    return {
+        "overall": total / n if n else math.nan,
+        "n": n,
+        "per_category": {c: sums[c] / counts[c] for c in sorted(counts)},
+        "counts": {c: counts[c] for c in sorted(counts)},
+    }
+
+
+def score_locomo(
+    predictions: Sequence[object],
+    golds: Sequence[object],
+    categories: Sequence[int],
+    *,
+    score_adversarial: bool = False,
+    postprocess: bool = True,
+) -> dict:
+    """Score aligned lists and aggregate (see :func:`aggregate_by_category`);
+    adds ``"scores"``: the per-item scores (None = not scored)."""
+    if not (len(predictions) == len(golds) == len(categories)):
+        raise ValueError(
+            f"length mismatch: {len(predictions)} predictions, {len(golds)} golds, "
+            f"{len(categories)} categories"
+        )
+    scores = [
+        score_locomo_answer(p, g, c, score_adversarial=score_adversarial, postprocess=postprocess)
+        for p, g, c in zip(predictions, golds, categories)
+    ]
+    out = aggregate_by_category(zip(categories, scores))
+    out["scores"] = scores
+    return out
+
+
+def locomo_summary_row(
+    aggregate: Mapping, names: Mapping[int, str] = LOCOMO_CATEGORY_NAMES
+) -> Dict[str, float]:
+    """Flat row for a report table: ``{"cat1_multi_hop": f1, ..., "overall": f1, "n": n}``."""
+    row: Dict[str, float] = {}
+    for c, v in aggregate["per_category"].items():
+        c = int(c)
+        row[f"cat{c}_{names[c]}" if c in names else f"cat{c}"] = v
+    row["overall"] = aggregate["overall"]
+    row["n"] = aggregate["n"]
+    return row

@@ -1,0 +1,433 @@
+"""The δ-mem recurrence (OSAM): a row-gated delta rule over small r×r states.
+
+Pure JAX, no Flax: anyone can lift this file out. For every batch entry the state
+``S`` (r×r, row i = value index, column j = key index) evolves token by token,
+*read before write*::
+
+    read_t = m_t · S_{t-1} q_t
+    S_t    = keep_t ⊙ S_{t-1} − erase_t ⊙ (S_{t-1} k_t) k_tᵀ + write_t ⊙ v_t k_tᵀ
+
+where ``⊙`` scales row i by entry i of the gate vector and invalid tokens
+(``m_t = 0``) read zero and leave ``S`` unchanged. The update mode maps (β, λ) to
+(keep, erase, write); see :func:`update_gates`.
+
+Three interchangeable methods give the same answers (to float32 rounding):
+
+* ``"sequential"``: ``lax.scan`` over tokens. Its gradient is a hand-written
+  reverse scan that stores only one state per ``chunk_size`` tokens and
+  recomputes the rest, so memory stays O(T / chunk_size) states.
+* ``"associative"``: ``lax.associative_scan`` over the per-row affine maps
+  ``s ↦ s A_t + b_t``; O(log T) depth but O(T r³) memory.
+* ``"chunked"``: ``lax.scan`` over chunks; inside a chunk the delta rule is solved
+  in closed (WY) form with matmuls only, so the serial depth is T / chunk_size.
+  This is the accelerator path.
+
+``"auto"`` picks ``sequential`` on CPU (fastest there by far) and ``chunked`` on
+TPU/GPU. All arithmetic runs in float32 at full matmul precision whatever the
+input dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "METHODS",
+    "UPDATE_MODES",
+    "osam_read",
+    "osam_scan",
+    "resolve_method",
+    "update_gates",
+]
+
+UPDATE_MODES = ("standard", "lambda_outside", "no_lambda")
+METHODS = ("auto", "sequential", "associative", "chunked")
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+_LOG_FLOOR = 1e-30  # keep-gates below this are treated as this in log space (chunked)
+_SEQUENTIAL_UNROLL = 4
+
+
+def _einsum(spec, *operands):
+    return jnp.einsum(spec, *operands, precision=_HIGHEST)
+
+
+def resolve_method(method: str) -> str:
+    """Map ``"auto"`` to the concrete method for the default backend."""
+    if method not in METHODS:
+        raise ValueError(f"unknown OSAM method {method!r}; expected one of {METHODS}")
+    if method != "auto":
+        return method
+    return "sequential" if jax.default_backend() == "cpu" else "chunked"
+
+
+def update_gates(beta, lam, update_mode: str = "standard"):
+    """(keep, erase, write) gates from β and λ for one of :data:`UPDATE_MODES`.
+
+    ``standard``: (λ, β, β); ``lambda_outside``: (λ, λ·β, β); ``no_lambda``: (1, β, β).
+    ``lam=None`` means coupled gates, λ = 1 − β.
+    """
+    if update_mode not in UPDATE_MODES:
+        raise ValueError(
+            f"unknown state_update_mode {update_mode!r}; expected one of {UPDATE_MODES}")
+    if lam is None:
+        lam = 1.0 - beta
+    if update_mode == "standard":
+        return lam, beta, beta
+    if update_mode == "lambda_outside":
+        return lam, lam * beta, beta
+    return jnp.ones_like(beta), beta, beta
+
+
+# ---------------------------------------------------------------------------
+# Public entry points
+
+
+def osam_scan(q, k, v, beta, lam=None, *, mask=None, initial_state=None,
+              update_mode: str = "standard", method: str = "auto",
+              chunk_size: int = 64):
+    """Run the δ-mem write recurrence over a sequence; return reads and final state.
+
+    Args:
+      q, k: ``[..., T, r]`` read queries and write keys (already normalised).
+      v: ``[..., T, r]`` values, one entry per state row.
+      beta: ``[..., T, r]`` row-wise write strengths, or ``[..., T, 1]`` (one scalar
+        gate per state, broadcast to its rows).
+      lam: like ``beta``; ``None`` couples λ = 1 − β. Ignored by ``no_lambda``.
+      mask: validity, broadcastable to ``[..., T]`` (bool or 0/1). ``None`` = all valid.
+      initial_state: ``[..., r, r]`` carried state ``S_0``; ``None`` = zeros.
+      update_mode: one of :data:`UPDATE_MODES`.
+      method: one of :data:`METHODS`.
+      chunk_size: chunk length of ``chunked``, and the recomputation interval of
+        ``sequential``'s backward pass. Any positive int; T need not divide.
+
+    Returns:
+      ``(reads, final_state)``: ``[..., T, r]`` and ``[..., r, r]``, both float32.
+      Leading dims are the broadcast of all inputs' leading dims (several state
+      heads are just another leading dim).
+    """
+    method = resolve_method(method)
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    keep, erase, write = update_gates(beta, lam, update_mode)
+    batch, T, r = _check_shapes(q, k, v, beta, lam, mask, initial_state)
+
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    tok = lambda x: jnp.broadcast_to(f32(x), batch + (T, r))  # noqa: E731
+    q, k, v, keep, erase, write = map(tok, (q, k, v, keep, erase, write))
+    if mask is None:
+        valid = jnp.ones(batch + (T,), bool)
+    else:
+        valid = jnp.broadcast_to(jnp.asarray(mask) != 0, batch + (T,))
+    if initial_state is None:
+        s0 = jnp.zeros(batch + (r, r), jnp.float32)
+    else:
+        s0 = jnp.broadcast_to(f32(initial_state), batch + (r, r))
+
+    # Invalid tokens become identity maps: keep 1, erase 0, write 0.
+    vm = valid[..., None]
+    keep = jnp.where(vm, keep, 1.0)
+    erase = jnp.where(vm, erase, 0.0)
+    write = jnp.where(vm, write, 0.0)
+
+    # Canonical layout for the cores: time-major, one flat batch axis.
+    n = math.prod(batch)
+    to_core = lambda x: jnp.moveaxis(x.reshape((n, T, r)), 1, 0)  # noqa: E731
+    args = tuple(map(to_core, (q, k, v, keep, erase, write)))
+    s0 = s0.reshape((n, r, r))
+    if T == 0:
+        reads, s_final = jnp.zeros((0, n, r), jnp.float32), s0
+    elif method == "sequential":
+        reads, s_final = _sequential(*args, s0, chunk_size)
+    elif method == "associative":
+        reads, s_final = _associative(*args, s0)
+    else:
+        reads, s_final = _chunked(*args, s0, chunk_size)
+
+    reads = jnp.moveaxis(reads, 0, 1).reshape(batch + (T, r))
+    reads = jnp.where(vm, reads, 0.0)
+    return reads, s_final.reshape(batch + (r, r))
+
+
+def osam_read(state, q, mask=None):
+    """Read-only pass: every valid token reads the carried state, ``S q_t``.
+
+    ``state``: ``[..., r, r]``; ``q``: ``[..., T, r]``; ``mask`` broadcastable to
+    ``[..., T]``. Returns float32 reads ``[..., T, r]`` (zero where invalid).
+    """
+    state = jnp.asarray(state, jnp.float32)
+    q = jnp.asarray(q, jnp.float32)
+    if state.ndim < 2 or state.shape[-1] != state.shape[-2] or q.shape[-1] != state.shape[-1]:
+        raise ValueError(
+            f"osam_read: state must be [..., r, r] and q [..., T, r] with the same r; "
+            f"got state {state.shape}, q {q.shape}")
+    reads = _einsum("...ij,...tj->...ti", state, q)
+    if mask is not None:
+        reads = jnp.where((jnp.asarray(mask) != 0)[..., None], reads, 0.0)
+    return reads
+
+
+def _check_shapes(q, k, v, beta, lam, mask, initial_state):
+    """Validate shapes; return (broadcast leading dims, T, r)."""
+    shapes = {"q": jnp.shape(q), "k": jnp.shape(k), "v": jnp.shape(v),
+              "beta": jnp.shape(beta)}
+    if lam is not None:
+        shapes["lam"] = jnp.shape(lam)
+    for name, shape in shapes.items():
+        if len(shape) < 2:
+            raise ValueError(f"osam_scan: {name} must be [..., T, r], got shape {shape}")
+    T, r = shapes["q"][-2:]
+    for name in ("k", "v"):
+        if shapes[name][-2:] != (T, r):
+            raise ValueError(
+                f"osam_scan: {name} has shape {shapes[name]}, expected [..., {T}, {r}] like q")
+    for name in ("beta", "lam"):
+        if name in shapes and (shapes[name][-2] != T or shapes[name][-1] not in (1, r)):
+            raise ValueError(
+                f"osam_scan: {name} has shape {shapes[name]}, expected [..., {T}, {r}] "
+                f"(rank-wise gates) or [..., {T}, 1] (one scalar gate per state)")
+    lead = [s[:-2] for s in shapes.values()]
+    if mask is not None:
+        ms = jnp.shape(mask)
+        if len(ms) < 1 or ms[-1] != T:
+            raise ValueError(f"osam_scan: mask has shape {ms}, expected [..., {T}]")
+        lead.append(ms[:-1])
+    if initial_state is not None:
+        ss = jnp.shape(initial_state)
+        if len(ss) < 2 or ss[-2:] != (r, r):
+            raise ValueError(
+                f"osam_scan: initial_state has shape {ss}, expected [..., {r}, {r}]")
+        lead.append(ss[:-2])
+    try:
+        batch = jnp.broadcast_shapes(*lead)
+    except ValueError as e:
+        raise ValueError(
+            "osam_scan: leading (batch) dims do not broadcast: "
+            + ", ".join(f"{n}{s}" for n, s in shapes.items())) from e
+    for name, x in (("q", q), ("k", k), ("v", v), ("beta", beta), ("lam", lam)):
+        if x is not None and not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            raise TypeError(f"osam_scan: {name} must be floating point, got {jnp.result_type(x)}")
+    return tuple(batch), T, r
+
+
+# ---------------------------------------------------------------------------
+# Cores. Layout: token arrays [T, N, r] (gates per row i), state [N, r, r].
+
+
+def _step(s, q, k, v, keep, erase, write):
+    """One token: returns (read, S_t) from S_{t-1}."""
+    read = _einsum("nij,nj->ni", s, q)
+    proj = _einsum("nij,nj->ni", s, k)
+    u = write * v - erase * proj
+    s = keep[..., None] * s + u[..., None] * k[:, None, :]
+    return read, s
+
+
+def _scan_tokens(s0, xs, unroll=1):
+    def body(s, x):
+        read, s = _step(s, *x)
+        return s, read
+    s, reads = jax.lax.scan(body, s0, xs, unroll=unroll)
+    return reads, s
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _sequential(q, k, v, keep, erase, write, s0, chunk_size):
+    """Token-by-token scan (the readable reference)."""
+    del chunk_size
+    return _scan_tokens(s0, (q, k, v, keep, erase, write), unroll=_SEQUENTIAL_UNROLL)
+
+
+def _pad_time(xs, multiple):
+    """Pad (q, k, v, keep, erase, write) [T, ...] to a multiple of ``multiple``.
+
+    Padding tokens are identity maps (keep 1, everything else 0).
+    """
+    pad = (-xs[0].shape[0]) % multiple
+    if pad == 0:
+        return xs
+    fills = (0.0, 0.0, 0.0, 1.0, 0.0, 0.0)
+    return tuple(jnp.concatenate([x, jnp.full((pad,) + x.shape[1:], f, x.dtype)])
+                 for x, f in zip(xs, fills))
+
+
+def _blocks(x, c):
+    return x.reshape((x.shape[0] // c, c) + x.shape[1:])
+
+
+def _sequential_fwd(q, k, v, keep, erase, write, s0, chunk_size):
+    T = q.shape[0]
+    c = min(chunk_size, T)
+    xs = _pad_time((q, k, v, keep, erase, write), c)
+
+    def block(s, x):
+        reads, s_next = _scan_tokens(s, x, unroll=_SEQUENTIAL_UNROLL)
+        return s_next, (reads, s)
+
+    s_final, (reads, starts) = jax.lax.scan(block, s0, tuple(_blocks(x, c) for x in xs))
+    reads = reads.reshape((-1,) + reads.shape[2:])[:T]
+    return (reads, s_final), (xs, starts)
+
+
+def _sequential_bwd(chunk_size, res, cotangents):
+    """Reverse scan of the adjoint, recomputing states one chunk at a time.
+
+    With G_t = ∂L/∂S_t, δ = G_t k_t and p = S_{t-1} k_t (per row):
+    G_{t-1} = keep⊙G_t − erase⊙δ k_tᵀ + ρ_t q_tᵀ (ρ_t = ∂L/∂read_t), and the
+    local gradients follow from differentiating one step of the update.
+    """
+    xs, starts = res
+    g_reads, g_final = cotangents
+    T_pad = xs[0].shape[0]
+    T = g_reads.shape[0]
+    c = T_pad // starts.shape[0]
+    g_reads = jnp.concatenate(
+        [g_reads, jnp.zeros((T_pad - T,) + g_reads.shape[1:], g_reads.dtype)])
+
+    def token_grad(g, inp):
+        s_prev, rho, q, k, v, keep, erase, write = inp
+        delta = _einsum("nij,nj->ni", g, k)
+        proj = _einsum("nij,nj->ni", s_prev, k)
+        u = write * v - erase * proj
+        d_keep = jnp.sum(g * s_prev, axis=-1)
+        d_erase = -delta * proj
+        d_write = delta * v
+        d_v = delta * write
+        d_k = _einsum("ni,nij->nj", u, g) - _einsum("ni,nij->nj", erase * delta, s_prev)
+        d_q = _einsum("ni,nij->nj", rho, s_prev)
+        g = (keep[..., None] * g - (erase * delta)[..., None] * k[:, None, :]
+             + rho[..., None] * q[:, None, :])
+        return g, (d_q, d_k, d_v, d_keep, d_erase, d_write)
+
+    def block(g, inp):
+        s_start, rho, x = inp
+
+        def fwd(s, xt):
+            _, s_next = _step(s, *xt)
+            return s_next, s
+        _, s_prevs = jax.lax.scan(fwd, s_start, x, unroll=_SEQUENTIAL_UNROLL)
+        g, grads = jax.lax.scan(token_grad, g, (s_prevs, rho) + x, reverse=True,
+                                unroll=_SEQUENTIAL_UNROLL)
+        return g, grads
+
+    g0, grads = jax.lax.scan(
+        block, g_final, (starts, _blocks(g_reads, c), tuple(_blocks(x, c) for x in xs)),
+        reverse=True)
+    grads = tuple(gr.reshape((T_pad,) + gr.shape[2:])[:T] for gr in grads)
+    return grads + (g0,)
+
+
+_sequential.defvjp(_sequential_fwd, _sequential_bwd)
+
+
+def _associative(q, k, v, keep, erase, write, s0):
+    """Prefix composition of the per-row affine maps s ↦ s A_t + b_t."""
+    r = q.shape[-1]
+    eye = jnp.eye(r, dtype=jnp.float32)
+    kk = k[..., :, None] * k[..., None, :]                            # [T, N, r, r]
+    A = keep[..., None, None] * eye - erase[..., None, None] * kk[:, :, None]  # [T,N,r_i,r,r]
+    b = (write * v)[..., None] * k[:, :, None, :]                     # [T, N, r_i, r]
+
+    def compose(first, second):
+        a1, b1 = first
+        a2, b2 = second
+        return _einsum("...ab,...bc->...ac", a1, a2), _einsum("...a,...ab->...b", b1, a2) + b2
+
+    prefix_a, prefix_b = jax.lax.associative_scan(compose, (A, b), axis=0)
+    states = _einsum("nia,tniab->tnib", s0, prefix_a) + prefix_b      # S_1 .. S_T
+    s_prev = jnp.concatenate([s0[None], states[:-1]], axis=0)
+    reads = _einsum("tnij,tnj->tni", s_prev, q)
+    return reads, states[-1]
+
+
+def _unit_lower_inverse(m):
+    """Inverse of unit-lower-triangular matrices ``[..., C, C]`` by recursive blocks.
+
+    Matmuls only (no triangular solves: two batched solves in one XLA:CPU program
+    can deadlock). Uses [[A,0],[B,D]]⁻¹ = [[A⁻¹,0],[−D⁻¹BA⁻¹,D⁻¹]], doubling the
+    block size log₂C times. C is padded to a power of two with identity.
+    """
+    c = m.shape[-1]
+    p = 1 << max(0, (c - 1).bit_length())
+    if p != c:
+        eye = jnp.eye(p, dtype=m.dtype)
+        m = eye.at[:c, :c].set(0.0) + jnp.pad(m, [(0, 0)] * (m.ndim - 2) + [(0, p - c)] * 2)
+    lead = m.shape[:-2]
+    inv = jnp.ones(lead + (p, 1, 1), m.dtype)                         # 1×1 diagonal blocks
+    b = 1
+    while b < p:
+        nb = p // (2 * b)
+        blocks = m.reshape(lead + (nb, 2 * b, nb, 2 * b))
+        blocks = jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)  # [..,nb,2b,2b]
+        lower_left = blocks[..., b:, :b]
+        pairs = inv.reshape(lead + (nb, 2, b, b))
+        inv_a, inv_d = pairs[..., 0, :, :], pairs[..., 1, :, :]
+        new_b = -_einsum("...ij,...jk,...kl->...il", inv_d, lower_left, inv_a)
+        top = jnp.concatenate([inv_a, jnp.zeros_like(inv_a)], axis=-1)
+        bottom = jnp.concatenate([new_b, inv_d], axis=-1)
+        inv = jnp.concatenate([top, bottom], axis=-2)
+        b *= 2
+    return inv.reshape(lead + (p, p))[..., :c, :c]
+
+
+def _chunk_wy(s0, x):
+    """One chunk in closed form. x: token arrays [C, N, r]; s0: [N, r, r].
+
+    Per row i with u_t = write_t v_t − erase_t (s_{t-1}·k_t) the state is
+    s_t = γ(0→t) s_0 + Σ_{j≤t} γ(j→t) u_j k_jᵀ, γ(j→t) = Π_{j<m≤t} keep_m, so the
+    u's solve a unit-lower-triangular system; reads and the chunk's final state
+    are then masked matmuls. Decay products are sums of log-keeps over exactly
+    the covered tokens (no cancellation, no exp(g_t)·exp(−g_s) factorisation).
+    """
+    q, k, v, keep, erase, write = x
+    c = q.shape[0]
+    rows = lambda a: jnp.moveaxis(a, 0, -1)          # [C, N, r] -> [N, r, C]  # noqa: E731
+    keys = lambda a: jnp.moveaxis(a, 0, 1)           # [C, N, r] -> [N, C, r]  # noqa: E731
+    v, keep, erase, write = map(rows, (v, keep, erase, write))
+    q, k = keys(q), keys(k)
+
+    log_keep = jnp.log(jnp.maximum(keep, _LOG_FLOOR))               # [N, r, C]
+    t_idx = jnp.arange(c)
+    after = t_idx[:, None] > t_idx[None, :]                         # [t, j]: j < t
+    # D[t, j] = Σ_{j<m≤t} log keep_m, summing only the covered terms.
+    decay_incl = jnp.cumsum(jnp.where(after, log_keep[..., :, None], 0.0), axis=-2)
+    decay_prev = jnp.concatenate(                                   # D[t−1, j]
+        [jnp.zeros_like(decay_incl[..., :1, :]), decay_incl[..., :-1, :]], axis=-2)
+    w_prev = jnp.where(after, jnp.exp(jnp.where(after, decay_prev, 0.0)), 0.0)
+    g_incl = jnp.cumsum(log_keep, axis=-1)                          # Σ_{m≤t}
+    g_excl = jnp.concatenate([jnp.zeros_like(g_incl[..., :1]), g_incl[..., :-1]], axis=-1)
+
+    kk = _einsum("ntc,nsc->nts", k, k)                              # [N, C, C]
+    qk = _einsum("ntc,nsc->nts", q, k)
+    s0_k = _einsum("nic,ntc->nit", s0, k)                           # [N, r, C]
+    s0_q = _einsum("nic,ntc->nit", s0, q)
+
+    system = erase[..., :, None] * w_prev * kk[:, None]             # [N, r, C, C]
+    system = system + jnp.eye(c, dtype=system.dtype)
+    rhs = write * v - erase * jnp.exp(g_excl) * s0_k
+    u = _einsum("nits,nis->nit", _unit_lower_inverse(system), rhs)
+
+    reads = jnp.exp(g_excl) * s0_q + _einsum("nits,nts,nis->nit", w_prev, qk, u)
+    w_end = jnp.exp(decay_incl[..., -1, :])                         # γ(j→C), [N, r, C]
+    s_new = (jnp.exp(g_incl[..., -1])[..., None] * s0
+             + _einsum("nij,njc->nic", w_end * u, k))
+    return s_new, jnp.moveaxis(reads, -1, 0)
+
+
+def _chunked(q, k, v, keep, erase, write, s0, chunk_size):
+    T = q.shape[0]
+    c = min(chunk_size, T)
+    xs = _pad_time((q, k, v, keep, erase, write), c)
+    body = jax.checkpoint(_chunk_wy)
+    s_final, reads = jax.lax.scan(body, s0, tuple(_blocks(x, c) for x in xs))
+    return reads.reshape((-1,) + reads.shape[2:])[:T], s_final
+
+
+def _sequential_autodiff(q, k, v, keep, erase, write, s0):
+    """The plain scan without the custom VJP (for tests and benchmarks)."""
+    return _scan_tokens(s0, (q, k, v, keep, erase, write))
