@@ -143,11 +143,11 @@ def osam_scan(q, k, v, beta, lam=None, *, mask=None, initial_state=None,
     if T == 0:
         reads, s_final = jnp.zeros((0, n, r), jnp.float32), s0
     elif method == "sequential":
-        reads, s_final = _sequential(*args, s0, chunk_size)
+        reads, s_final = _jit_sequential(*args, s0, chunk_size)
     elif method == "associative":
-        reads, s_final = _associative(*args, s0)
+        reads, s_final = _jit_associative(*args, s0)
     else:
-        reads, s_final = _chunked(*args, s0, chunk_size)
+        reads, s_final = _jit_chunked(*args, s0, chunk_size)
 
     reads = jnp.moveaxis(reads, 0, 1).reshape(batch + (T, r))
     reads = jnp.where(vm, reads, 0.0)
@@ -426,6 +426,13 @@ def _chunked(q, k, v, keep, erase, write, s0, chunk_size):
     body = jax.checkpoint(_chunk_wy)
     s_final, reads = jax.lax.scan(body, s0, tuple(_blocks(x, c) for x in xs))
     return reads.reshape((-1,) + reads.shape[2:])[:T], s_final
+
+
+# Jitted cores: one compiled program per shape even when called eagerly (inlined
+# when the caller is itself jitted).
+_jit_sequential = jax.jit(_sequential, static_argnums=7)
+_jit_associative = jax.jit(_associative)
+_jit_chunked = jax.jit(_chunked, static_argnums=7)
 
 
 def _sequential_autodiff(q, k, v, keep, erase, write, s0):

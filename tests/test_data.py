@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import numpy as np
 import pytest
@@ -49,6 +50,26 @@ CONV = [
     msg("user", "What is my code?"),
     msg("assistant", "42"),
 ]
+
+
+def test_data_layer_imports_no_jax_or_model_code():
+    """The data modules import only numpy/stdlib, datasets/transformers/tokenizers and each other."""
+    import ast
+    import pathlib
+
+    import deltamem_jax.data as pkg
+
+    allowed = {"numpy", "datasets", "transformers", "tokenizers"}
+    files = sorted(pathlib.Path(pkg.__file__).parent.glob("*.py"))
+    assert len(files) >= 7
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            for name in names:
+                top = name.split(".")[0]
+                ok = name.startswith("deltamem_jax.data") or top in allowed or top in sys.stdlib_module_names
+                assert ok, f"{f.name} imports {name}"
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -348,8 +369,8 @@ def test_clean_and_load_records(tmp_path, caplog):
     j = tmp_path / "d.json"
     j.write_text(json.dumps([good, good]))
     assert len(load_records(j)) == 2
+    (tmp_path / "d.txt").write_text("x")
     with pytest.raises(ValueError, match="unsupported file type"):
-        (tmp_path / "d.txt").write_text("x")
         load_records(tmp_path / "d.txt")
 
 

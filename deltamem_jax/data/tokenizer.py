@@ -252,7 +252,7 @@ class HFTokenizer(Tokenizer):
         for i in range(len(messages)):
             self._extend(ids, owner, self._render_ids(messages[: i + 1], False), i, f"message {i}")
         if add_generation_prompt:
-            self._extend(ids, owner, self._render_ids(messages, True), len(messages) - 1, "the generation prompt")
+            self._extend(ids, owner, self._render_ids(messages, True), -1, "the generation prompt")
         owner_arr = np.asarray(owner, dtype=np.int32)
         spans: list[Optional[tuple[int, int]]] = []
         for i, m in enumerate(messages):

@@ -1,0 +1,25 @@
+"""Shared test set-up: 8 fake CPU devices, full-precision float32 matmuls, fixture paths."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import pathlib  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = pathlib.Path(os.environ.get(
+    "DELTAMEM_FIXTURES", REPO.parent / "shared" / "fixtures" / "official-parity"))
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> pathlib.Path:
+    """The authors'-release parity fixtures (must exist: they are the ground truth)."""
+    if not (FIXTURES / "cases" / "index.json").is_file():
+        raise FileNotFoundError(
+            f"official-parity fixtures not found at {FIXTURES}; set DELTAMEM_FIXTURES")
+    return FIXTURES
