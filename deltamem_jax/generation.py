@@ -1,0 +1,133 @@
+"""Batched text generation: one jitted ``lax.while_loop`` over the KV cache and the δ-mem state.
+
+Greedy, temperature, top-k and top-p sampling. With δ-mem and ``write=True``
+every fed token is written into memory (token writes), as in the authors' chat
+session; the end-of-sequence token is produced but never fed back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deltamem_jax.models.cache import KVCache
+from deltamem_jax.models.functional import Runner
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick each next token. ``temperature == 0`` is greedy."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0          # 0 = off
+    top_p: float = 1.0      # 1 = off
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be ≥ 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be ≥ 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+class Generation(NamedTuple):
+    tokens: jax.Array          # [B, max_new_tokens] int32 (pad_id after a row stops)
+    lengths: jax.Array         # [B] int32: tokens produced before (and excluding) EOS
+    memory_state: Optional[jax.Array]
+    cache: KVCache
+
+
+def sample_logits(logits, rng, sampling: SamplingConfig):
+    """Next tokens ``[B]`` from last-position logits ``[B, V]``."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / sampling.temperature
+    if sampling.top_k:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs          # mass strictly before each token
+        sorted_logits = jnp.where(before < sampling.top_p, sorted_logits, -jnp.inf)
+        logits = jnp.full_like(logits, -jnp.inf).at[
+            jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(model, prompt_ids, *, prompt_mask=None, memory_state=None, cache=None,
+             write: bool = True, use_memory: bool = True,
+             sampling: SamplingConfig = SamplingConfig(), rng=None,
+             eos_ids: Optional[Sequence[int]] = None, pad_id: int = 0,
+             cache_length: Optional[int] = None) -> Generation:
+    """Continue ``prompt_ids`` ``[B, T]`` (left or right padded via ``prompt_mask``).
+
+    ``model`` is a :class:`DecoderLM` or a :class:`Runner`. ``cache``: continue an
+    existing cache (a session); otherwise a fresh cache of ``cache_length``
+    (default T + max_new_tokens) is made. Returns the new tokens, their lengths,
+    the memory state and the cache after the last fed token.
+    """
+    run = model if isinstance(model, Runner) else Runner(model)
+    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+    B, T = prompt_ids.shape
+    if prompt_mask is None:
+        prompt_mask = jnp.ones((B, T), bool)
+    if cache is None:
+        cache = KVCache.init(run.config, B, cache_length or T + sampling.max_new_tokens)
+    if cache.max_length < int(cache.index) + T + sampling.max_new_tokens:
+        raise ValueError(f"KV cache of length {cache.max_length} has no room for "
+                         f"{T} prompt + {sampling.max_new_tokens} new tokens")
+    eos = tuple(run.config.eos_ids if eos_ids is None else eos_ids)
+    rng = jax.random.key(0) if rng is None else rng
+    return _generate(run.graphdef, run.state, prompt_ids, jnp.asarray(prompt_mask, bool),
+                     memory_state, cache, rng, sampling=sampling, eos=eos, pad_id=pad_id,
+                     write=write, use_memory=use_memory)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos", "pad_id", "write",
+                                             "use_memory"))
+def _generate(graphdef, state, prompt_ids, prompt_mask, memory_state, cache, rng, *,
+              sampling, eos, pad_id, write, use_memory):
+    model = nnx.merge(graphdef, state)
+    B = prompt_ids.shape[0]
+    out = model(prompt_ids, attention_mask=prompt_mask, memory_state=memory_state, cache=cache,
+                write=write, use_memory=use_memory)
+    last = jnp.maximum(jnp.sum(prompt_mask, axis=1) - 1, 0)
+    # last real token per row (right padding) or the last slot (left padding)
+    last = jnp.where(prompt_mask[:, -1], prompt_mask.shape[1] - 1, last)
+    logits = out.logits[jnp.arange(B), last]
+    n = sampling.max_new_tokens
+    eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
+
+    def cond(carry):
+        step, _, done, *_ = carry
+        return (step < n) & ~jnp.all(done)
+
+    def body(carry):
+        step, tokens, done, lengths, logits, mem, cache, rng = carry
+        rng, key = jax.random.split(rng)
+        token = sample_logits(logits, key, sampling)
+        is_eos = jnp.isin(token, eos_arr)
+        live = ~done & ~is_eos
+        tokens = tokens.at[:, step].set(jnp.where(done, pad_id, token))
+        lengths = lengths + live
+        done = done | is_eos
+        fed = model(jnp.where(live, token, pad_id)[:, None], attention_mask=live[:, None],
+                    memory_state=mem, cache=cache, write=write, use_memory=use_memory)
+        return step + 1, tokens, done, lengths, fed.logits[:, -1], fed.memory_state, fed.cache, rng
+
+    carry = (jnp.zeros((), jnp.int32), jnp.full((B, n), pad_id, jnp.int32),
+             jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32), logits, out.memory_state,
+             out.cache, rng)
+    _, tokens, _, lengths, _, mem, cache, _ = jax.lax.while_loop(cond, body, carry)
+    return Generation(tokens, lengths, mem, cache)
