@@ -38,13 +38,72 @@ ARCHIVED_FIELDS: dict[str, Any] = {
     "synthetic_memory_slots": 1,
     "latent_memory_layers": [],
 }
-# Fields the authors accept but never use in the forward pass.
-IGNORED_FIELDS = (
-    "memory_partition_sigmoid_gate_bias_init", "global_memory_gate_bias_init",
-    "global_memory_read_logit_bias", "memory_reader_hidden_size",
-    "memory_reader_residual_scale", "memory_reader_read_only", "latent_memory_hidden_size",
-    "latent_memory_residual_scale", "latent_memory_slots", "latent_memory_init_std",
-    "latent_gate_init", "delta_scale_parameterization",
+# Fields the authors accept but never use in the forward pass (name -> their default).
+IGNORED_FIELDS: dict[str, Any] = {
+    "memory_partition_sigmoid_gate_bias_init": -2.0,
+    "global_memory_gate_bias_init": -2.0,
+    "global_memory_read_logit_bias": 0.0,
+    "memory_reader_hidden_size": 1024,
+    "memory_reader_residual_scale": 0.1,
+    "memory_reader_read_only": True,
+    "latent_memory_hidden_size": 1024,
+    "latent_memory_residual_scale": 0.1,
+    "latent_memory_slots": 4,
+    "latent_memory_init_std": 0.002,
+    "latent_gate_init": 0.01,
+    "delta_scale_parameterization": "alpha_over_rank",
+}
+# Field order of the authors' JSON dump.
+_AUTHORS_ORDER = (
+    "rank",
+    "alpha",
+    "beta_bias_init",
+    "normalize_qk",
+    "couple_lambda",
+    "state_update_mode",
+    "rankwise_gates",
+    "output_init",
+    "base_slice_ref_width",
+    "online_gain",
+    "num_state_heads",
+    "num_memory_partitions",
+    "num_global_memory_partitions",
+    "memory_partition_routing",
+    "memory_partition_basis",
+    "tie_memory_partition_read_write",
+    "memory_partition_read_mode",
+    "memory_partition_sigmoid_gate_bias_init",
+    "slot_read_top_k",
+    "global_memory_mode",
+    "global_memory_read_top_k",
+    "global_memory_merge_mode",
+    "global_memory_gate_bias_init",
+    "global_memory_read_logit_bias",
+    "memory_reader_layers",
+    "memory_reader_hidden_size",
+    "memory_reader_residual_scale",
+    "memory_reader_read_only",
+    "memory_readout_mode",
+    "memory_write_source",
+    "memory_write_granularity",
+    "memory_write_proposals_per_message",
+    "synthetic_memory_slots",
+    "latent_memory_layers",
+    "latent_memory_hidden_size",
+    "latent_memory_residual_scale",
+    "latent_memory_slots",
+    "latent_memory_init_std",
+    "latent_gate_init",
+    "target_modules",
+    "target_layers",
+    "delta_heads",
+    "delta_o_rmsnorm",
+    "delta_o_rmsnorm_eps",
+    "trainable_delta_scale",
+    "delta_scale_init",
+    "delta_scale_max",
+    "delta_scale_granularity",
+    "delta_scale_parameterization",
 )
 
 
@@ -169,14 +228,12 @@ class DeltaMemConfig:
         return cls(**data)
 
     def to_authors_dict(self) -> dict[str, Any]:
-        """The authors' full config dump (archived fields at their defaults)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in ("scan_method", "chunk_size", "max_spans")}
+        """The authors' full config dump, in their field order (unused fields at defaults)."""
+        values = {**ARCHIVED_FIELDS, **IGNORED_FIELDS,
+                  **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
         for key in ("delta_heads", "target_layers", "target_modules"):
-            out[key] = list(out[key])
-        out.update({k: v for k, v in ARCHIVED_FIELDS.items()})
-        out["delta_scale_parameterization"] = "alpha_over_rank"
-        return out
+            values[key] = list(values[key])
+        return {key: values[key] for key in _AUTHORS_ORDER}
 
 
 def _is_int(x) -> bool:
