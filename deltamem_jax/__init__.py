@@ -3,23 +3,39 @@
 A frozen decoder LM gets a tiny online associative memory: each wrapped
 attention layer keeps an r×r state written by a gated delta rule, whose
 read-out adds low-rank corrections to q/k/v/o. Only the memory trains.
+
+The public names below are imported lazily, so ``import deltamem_jax.data``
+does not pull in JAX.
 """
 
-from deltamem_jax.checkpoints.adapters import (load_adapter, read_adapter_config,
-                                               save_adapter)
-from deltamem_jax.checkpoints.hf import load_hf_model, save_hf_model
-from deltamem_jax.memory import DeltaMemory, MemoryOutput, MemoryParam
-from deltamem_jax.memory_config import DeltaMemConfig
-from deltamem_jax.models.cache import KVCache
-from deltamem_jax.models.config import DecoderConfig
-from deltamem_jax.models.decoder import DecoderLM, DecoderOutput
-from deltamem_jax.models.functional import Runner
-from deltamem_jax.osam import osam_read, osam_scan, update_gates
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DecoderConfig", "DecoderLM", "DecoderOutput", "DeltaMemConfig", "DeltaMemory", "KVCache",
-    "MemoryOutput", "MemoryParam", "Runner", "load_adapter", "load_hf_model", "osam_read",
-    "osam_scan", "read_adapter_config", "save_adapter", "save_hf_model", "update_gates",
-]
+_EXPORTS = {
+    "osam_scan": "deltamem_jax.osam", "osam_read": "deltamem_jax.osam",
+    "update_gates": "deltamem_jax.osam",
+    "DeltaMemConfig": "deltamem_jax.memory_config",
+    "DeltaMemory": "deltamem_jax.memory", "MemoryOutput": "deltamem_jax.memory",
+    "MemoryParam": "deltamem_jax.memory",
+    "DecoderConfig": "deltamem_jax.models.config",
+    "DecoderLM": "deltamem_jax.models.decoder", "DecoderOutput": "deltamem_jax.models.decoder",
+    "KVCache": "deltamem_jax.models.cache",
+    "Runner": "deltamem_jax.models.functional",
+    "load_hf_model": "deltamem_jax.checkpoints.hf", "save_hf_model": "deltamem_jax.checkpoints.hf",
+    "load_adapter": "deltamem_jax.checkpoints.adapters",
+    "save_adapter": "deltamem_jax.checkpoints.adapters",
+    "read_adapter_config": "deltamem_jax.checkpoints.adapters",
+    "SamplingConfig": "deltamem_jax.generation", "generate": "deltamem_jax.generation",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'deltamem_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

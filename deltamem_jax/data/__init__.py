@@ -34,6 +34,7 @@ from deltamem_jax.data.tokenizer import (
     TemplateError,
     Tokenizer,
     load_tokenizer,
+    save_byte_tokenizer_marker,
 )
 
 __all__ = [
@@ -45,4 +46,5 @@ __all__ = [
     "chat_sentence_ids", "content_sentence_ids", "split_sentences",
     "SyntheticConfig", "chance_accuracy", "generate_conversation", "generate_split", "write_synthetic_dataset",
     "ByteTokenizer", "ChatTokens", "HFTokenizer", "TemplateError", "Tokenizer", "load_tokenizer",
+    "save_byte_tokenizer_marker",
 ]

@@ -24,6 +24,8 @@ __all__ = [
     "HFTokenizer",
     "TemplateError",
     "load_tokenizer",
+    "save_byte_tokenizer_marker",
+    "BYTE_TOKENIZER_MARKER",
     "MAX_TEMPLATE_ROLLBACK",
 ]
 
@@ -269,12 +271,29 @@ class HFTokenizer(Tokenizer):
         )
 
 
+#: A model directory holding this file (``{"type": "byte"}``) uses :class:`ByteTokenizer`.
+BYTE_TOKENIZER_MARKER = "deltamem_tokenizer.json"
+
+
+def save_byte_tokenizer_marker(model_dir: str | os.PathLike) -> None:
+    """Mark a model directory as using the built-in byte-level tokenizer."""
+    with open(os.path.join(os.fspath(model_dir), BYTE_TOKENIZER_MARKER), "w") as f:
+        f.write('{"type": "byte"}\n')
+
+
 def load_tokenizer(spec: str | os.PathLike, **kwargs: Any) -> Tokenizer:
-    """``"byte"`` → :class:`ByteTokenizer`; a directory → :class:`HFTokenizer` (kwargs passed on)."""
+    """``"byte"`` → :class:`ByteTokenizer`; a directory → its tokenizer.
+
+    A directory marked with :data:`BYTE_TOKENIZER_MARKER` gives the byte-level
+    tokenizer; any other directory is read as a Hugging Face tokenizer
+    (kwargs passed on).
+    """
     if isinstance(spec, str) and spec == "byte":
         if kwargs:
             raise ValueError(f"load_tokenizer('byte') takes no options, got {sorted(kwargs)}")
         return ByteTokenizer()
     if os.path.isdir(os.fspath(spec)):
+        if os.path.isfile(os.path.join(os.fspath(spec), BYTE_TOKENIZER_MARKER)):
+            return ByteTokenizer()
         return HFTokenizer(spec, **kwargs)
     raise ValueError(f"load_tokenizer: {spec!r} is neither 'byte' nor an existing tokenizer directory")
