@@ -29,7 +29,9 @@ from deltamem_jax.sharding import LOGICAL_AXES
 __all__ = ["DeltaMemory", "MemoryOutput", "MemoryParam", "span_means", "base_slice_matrix"]
 
 _NORM_EPS = 1e-6
-_OUT_AXES = {"q": "q_features", "k": "kv_features", "v": "kv_features", "o": "embed"}
+# Logical axes of memory parameters have their own names, so that rules can keep the
+# (tiny) memory replicated while the backbone is sharded.
+_OUT_AXES = {"q": "memory_out", "k": "memory_out", "v": "memory_out", "o": "memory_out"}
 
 
 class MemoryParam(nnx.Param):
@@ -100,13 +102,14 @@ class DeltaMemory(nnx.Module):
         d, R, g = hidden_size, config.state_width, config.gate_width
         key = rngs.params
 
-        self.memory_q_proj = _param(_kaiming_uniform(key(), (d, R), d, param_dtype), "embed", "memory")
-        self.memory_k_proj = _param(_kaiming_uniform(key(), (d, R), d, param_dtype), "embed", "memory")
-        self.memory_v_proj = _param(_kaiming_uniform(key(), (d, R), d, param_dtype), "embed", "memory")
-        self.beta_proj = _param(jnp.zeros((d, g), param_dtype), "embed", "memory_gates")
+        in_axes = ("memory_embed", "memory")
+        self.memory_q_proj = _param(_kaiming_uniform(key(), (d, R), d, param_dtype), *in_axes)
+        self.memory_k_proj = _param(_kaiming_uniform(key(), (d, R), d, param_dtype), *in_axes)
+        self.memory_v_proj = _param(_kaiming_uniform(key(), (d, R), d, param_dtype), *in_axes)
+        self.beta_proj = _param(jnp.zeros((d, g), param_dtype), "memory_embed", "memory_gates")
         self.beta_bias = _param(jnp.full((g,), config.beta_bias_init, param_dtype), "memory_gates")
         if not config.couple_lambda:
-            self.lambda_proj = _param(jnp.zeros((d, g), param_dtype), "embed", "memory_gates")
+            self.lambda_proj = _param(jnp.zeros((d, g), param_dtype), "memory_embed", "memory_gates")
             self.lambda_bias = _param(jnp.full((g,), -config.beta_bias_init, param_dtype),
                                       "memory_gates")
         for head in config.delta_heads:

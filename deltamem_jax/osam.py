@@ -394,12 +394,16 @@ def _chunk_wy(s0, x):
     log_keep = jnp.log(jnp.maximum(keep, _LOG_FLOOR))               # [N, r, C]
     t_idx = jnp.arange(c)
     after = t_idx[:, None] > t_idx[None, :]                         # [t, j]: j < t
-    # D[t, j] = Σ_{j<m≤t} log keep_m, summing only the covered terms.
-    decay_incl = jnp.cumsum(jnp.where(after, log_keep[..., :, None], 0.0), axis=-2)
+    # D[t, j] = Σ_{j<m≤t} log keep_m, summing only the covered terms. The prefix sums
+    # are matmuls with a 0/1 lower-triangular matrix: exact same terms as a cumsum,
+    # but XLA:CPU lowers cumsum to an O(C²) reduce-window that dominated the chunk.
+    upto = (t_idx[None, :] <= t_idx[:, None]).astype(jnp.float32)  # [t, m]: m ≤ t
+    decay_incl = _einsum("tm,nimj->nitj", upto,
+                         jnp.where(after, log_keep[..., :, None], 0.0))
     decay_prev = jnp.concatenate(                                   # D[t−1, j]
         [jnp.zeros_like(decay_incl[..., :1, :]), decay_incl[..., :-1, :]], axis=-2)
     w_prev = jnp.where(after, jnp.exp(jnp.where(after, decay_prev, 0.0)), 0.0)
-    g_incl = jnp.cumsum(log_keep, axis=-1)                          # Σ_{m≤t}
+    g_incl = _einsum("tm,nim->nit", upto, log_keep)                 # Σ_{m≤t}
     g_excl = jnp.concatenate([jnp.zeros_like(g_incl[..., :1]), g_incl[..., :-1]], axis=-1)
 
     kk = _einsum("ntc,nsc->nts", k, k)                              # [N, C, C]

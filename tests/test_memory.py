@@ -265,4 +265,4 @@ def test_memory_params_are_filterable():
     names = {str(p[0]) for p, _ in nnx.to_flat_state(trainable)}
     assert {"memory_q_proj", "beta_bias", "delta_o_proj"} <= names
     axes = mem.memory_q_proj.get_metadata("logical_axes")
-    assert axes == ("embed", "memory")
+    assert axes == ("memory_embed", "memory")

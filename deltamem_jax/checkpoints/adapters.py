@@ -90,7 +90,7 @@ def set_memory_tensors(model: DecoderLM, tensors: dict[str, np.ndarray], source:
             raise ValueError(f"{source}: tensor {name!r} is for layer {layer}, but δ-mem is "
                              f"attached to layers {list(mem_layers)} of a "
                              f"{model.config.num_hidden_layers}-layer backbone")
-        memory: DeltaMemory = model.layers[layer].self_attn.memory
+        memory, row = model.layer_memory(layer)
         want = _expected_torch_shape(memory, param)
         if want is None:
             raise ValueError(f"{source}: tensor {name!r} names unknown parameter {param!r}")
@@ -101,10 +101,13 @@ def set_memory_tensors(model: DecoderLM, tensors: dict[str, np.ndarray], source:
         if not hasattr(memory, param):
             continue   # an inactive head (or unused optional tensor): stored, never applied
         var = getattr(memory, param)
-        arr = value.T if param in _MATRICES else value
-        var.set_value(jax.device_put(arr.astype(var.get_value().dtype), _sharding_of(var)))
+        arr = (value.T if param in _MATRICES else value).astype(var.get_value().dtype)
+        if row is None:
+            var.set_value(jax.device_put(arr, _sharding_of(var)))
+        else:                                   # scanned layers: one row of the stack
+            var.set_value(var.get_value().at[row].set(arr))
     missing = [f"layers.{i}.self_attn.{p}" for i in mem_layers
-               for p in _own_params(model.layers[i].self_attn.memory) if (i, p) not in seen]
+               for p in _own_params(model.layer_memory(i)[0]) if (i, p) not in seen]
     if missing:
         raise ValueError(f"{source}: missing tensors for active δ-mem parameters: {missing[:6]}"
                          + (" …" if len(missing) > 6 else ""))
@@ -146,10 +149,12 @@ def adapter_tensors(model: DecoderLM, prefix: str = "model.") -> dict[str, np.nd
         raise ValueError("no δ-mem attached to this model")
     out = {}
     for i in model.memory_layers:
-        memory: DeltaMemory = model.layers[i].self_attn.memory
+        memory, row = model.layer_memory(i)
         base = f"{prefix}layers.{i}.self_attn."
         for param in _own_params(memory):
             value = np.asarray(jax.device_get(getattr(memory, param).get_value()), np.float32)
+            if row is not None:
+                value = value[row]
             out[base + param] = np.ascontiguousarray(value.T if param in _MATRICES else value)
         for h in DELTA_HEADS:               # inactive heads: zeros, as in trained adapters
             if base + f"delta_{h}_proj" not in out and h in memory.out_features:

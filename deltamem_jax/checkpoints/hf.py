@@ -133,6 +133,65 @@ class SafetensorsDir:
         return self._handles[file].get_tensor(name)
 
 
+def read_backbone_state(path: str, config: DecoderConfig, abstract_state: nnx.State,
+                        shardings=None) -> nnx.State:
+    """Fill an abstract backbone state (``nnx.eval_shape`` + ``nnx.split``) from ``path``.
+
+    Each tensor is read once (memory-mapped), converted to the parameter's dtype
+    and, with ``shardings`` (a matching tree of ``NamedSharding``), placed so
+    that every device receives only its slice: works on many hosts, where each
+    host fills only its addressable devices.
+    """
+    start = time.perf_counter()
+    source = SafetensorsDir(path)
+    flat = dict(nnx.to_flat_state(abstract_state))
+    sh_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+    groups: dict[tuple, list[Tensor]] = {}
+    for t in tensor_map(config):
+        groups.setdefault(state_path(t, config), []).append(t)
+    unmapped = set(flat) - set(groups)
+    if unmapped:
+        raise RuntimeError(f"no HF mapping for parameters {sorted(unmapped)}")
+    nbytes = 0
+    for path, tensors in groups.items():
+        var = flat[path]
+        target = var.get_value()
+        stacked = state_path(tensors[0], config) != tensors[0].path
+        want = target.shape[1:] if stacked else target.shape
+        parts = [_read(source, t, want, _np_dtype(target.dtype)) for t in tensors]
+        arr = np.stack(parts) if stacked else parts[0]
+        nbytes += arr.nbytes
+        sharding = sh_flat.get(path)
+        if isinstance(sharding, nnx.Variable):
+            sharding = sharding.get_value()
+        var.set_value(jax.make_array_from_callback(arr.shape, sharding, lambda i, a=arr: a[i])
+                      if sharding is not None else jnp.asarray(arr))
+        del parts, arr
+    log.info("read %s: %.1f MB in %.2f s", source.path, nbytes / 1e6,
+             time.perf_counter() - start)
+    return nnx.from_flat_state(flat)
+
+
+def state_path(t: Tensor, config: DecoderConfig) -> tuple:
+    """Where ``t`` lives in the NNX state: per-layer paths lose their index when scanned."""
+    if config.scan_layers and t.path[0] == "layers":
+        return ("layers",) + t.path[2:]
+    return t.path
+
+
+def _read(source, t: Tensor, shape, dtype) -> np.ndarray:
+    raw = source.get(t.name)
+    try:
+        arr = t.to_ours(raw)
+    except ValueError as e:
+        raise ValueError(f"checkpoint tensor {t.name!r} has shape {raw.shape}, which does not "
+                         f"fit parameter {'.'.join(map(str, t.path))} {tuple(shape)}") from e
+    if arr.shape != tuple(shape):
+        raise ValueError(f"checkpoint tensor {t.name!r} has shape {raw.shape}; expected "
+                         f"{tuple(shape)} (in our layout) for this config.json")
+    return arr.astype(dtype)
+
+
 def load_hf_model(path: str, *, memory: Optional[DeltaMemConfig] = None,
                   mesh: Optional[jax.sharding.Mesh] = None, rules: Optional[Rules] = None,
                   rngs: Optional[nnx.Rngs] = None, **config_overrides) -> DecoderLM:
@@ -143,40 +202,10 @@ def load_hf_model(path: str, *, memory: Optional[DeltaMemConfig] = None,
     ``rules``) every weight lands directly in its sharding.
     """
     config = DecoderConfig.from_pretrained(path, **config_overrides)
-    start = time.perf_counter()
     abstract = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     shardings = state_shardings(abstract_state, mesh, rules or ()) if mesh is not None else None
-    source = SafetensorsDir(path)
-    flat = dict(nnx.to_flat_state(abstract_state))
-    sh_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
-    expected = {t.path for t in tensor_map(config)}
-    missing_paths = set(flat) - expected
-    if missing_paths:
-        raise RuntimeError(f"no HF mapping for parameters {sorted(missing_paths)}")
-    values = {}
-    nbytes = 0
-    for t in tensor_map(config):
-        var = flat[t.path]
-        target = var.get_value()
-        raw = source.get(t.name)
-        try:
-            arr = t.to_ours(raw)
-        except ValueError as e:
-            raise ValueError(f"checkpoint tensor {t.name!r} has shape {raw.shape}, which does not "
-                             f"fit parameter {'.'.join(map(str, t.path))} {target.shape}") from e
-        if arr.shape != target.shape:
-            raise ValueError(f"checkpoint tensor {t.name!r} has shape {raw.shape}; expected "
-                             f"{target.shape} (in our layout) for this config.json")
-        arr = arr.astype(_np_dtype(target.dtype))
-        nbytes += arr.nbytes
-        sharding = sh_flat.get(t.path)
-        values[t.path] = (jax.make_array_from_callback(arr.shape, sharding, lambda i, a=arr: a[i])
-                          if sharding is not None else jnp.asarray(arr))
-    for path, value in values.items():
-        flat[path].set_value(value)
-    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
-    log.info("loaded %s: %.1f MB in %.2f s", path, nbytes / 1e6, time.perf_counter() - start)
+    model = nnx.merge(graphdef, read_backbone_state(path, config, abstract_state, shardings))
     if memory is not None:
         model.attach_memory(memory, rngs=rngs or nnx.Rngs(0))
     return model
@@ -192,9 +221,13 @@ def _np_dtype(dtype):
 
 def backbone_tensors(model: DecoderLM) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, array in HF layout) for every backbone parameter."""
-    state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    from deltamem_jax.memory import MemoryParam
+    state = dict(nnx.to_flat_state(nnx.state(model, nnx.All(nnx.Param, nnx.Not(MemoryParam)))))
     for t in tensor_map(model.config):
-        yield t.name, np.ascontiguousarray(t.to_hf(np.asarray(jax.device_get(state[t.path].get_value()))))
+        value = np.asarray(jax.device_get(state[state_path(t, model.config)].get_value()))
+        if state_path(t, model.config) != t.path:
+            value = value[t.path[1]]                      # this layer's row of the stack
+        yield t.name, np.ascontiguousarray(t.to_hf(value))
 
 
 def save_hf_model(model: DecoderLM, path: str, *, max_shard_bytes: int = 2 << 30) -> None:

@@ -17,8 +17,8 @@ from deltamem_jax.models.config import DecoderConfig
 
 
 class KVCache(NamedTuple):
-    keys: tuple          # per layer [B, S, n_kv, head_dim]
-    values: tuple        # per layer [B, S, n_kv, head_dim]
+    keys: tuple          # per layer [B, S, n_kv, head_dim] (scanned layers: one [L, B, ...])
+    values: tuple
     mask: jax.Array      # [B, S] bool: slot holds a real token
     positions: jax.Array  # [B] int32: next position id per row
     index: jax.Array     # int32 scalar: number of slots filled
@@ -29,9 +29,14 @@ class KVCache(NamedTuple):
         dtype = dtype or config.compute_dtype
         shape = (batch_size, max_length, config.num_key_value_heads, config.head_dim)
         n = config.num_hidden_layers
+        if config.scan_layers:
+            keys, values = jnp.zeros((n,) + shape, dtype), jnp.zeros((n,) + shape, dtype)
+        else:
+            keys = tuple(jnp.zeros(shape, dtype) for _ in range(n))
+            values = tuple(jnp.zeros(shape, dtype) for _ in range(n))
         return cls(
-            keys=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
-            values=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
+            keys=keys,
+            values=values,
             mask=jnp.zeros((batch_size, max_length), bool),
             positions=jnp.zeros((batch_size,), jnp.int32),
             index=jnp.zeros((), jnp.int32),

@@ -51,6 +51,7 @@ class DecoderConfig:
     param_dtype: str = "float32"
     remat: bool = False                    # rematerialise each layer in the backward pass
     attention_chunk_size: int = 0          # >0: process queries in blocks (bounded memory)
+    scan_layers: bool = False              # one scanned layer body (fast compiles, big models)
 
     def __post_init__(self):
         _require(self.model_type in SUPPORTED_MODEL_TYPES, "model_type",

@@ -98,27 +98,29 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(hd, c.rms_norm_eps, dt, "head_dim")
         self.use_rope = c.uses_rope(layer_index)
         self.groups = nh // nkv
+        self.chunk = c.attention_chunk_size
         self.memory: Optional[DeltaMemory] = nnx.data(None)
 
     def out_features(self) -> dict[str, int]:
-        nh, hd, _ = self.o_proj.shape
-        nkv = self.k_proj.shape[1]
-        return {"q": nh * hd, "k": nkv * hd, "v": nkv * hd, "o": self.o_proj.shape[2]}
+        nh, hd, d = self.o_proj.shape[-3:]
+        nkv = self.k_proj.shape[-2]
+        return {"q": nh * hd, "k": nkv * hd, "v": nkv * hd, "o": d}
 
     def torch_layout_weights(self) -> dict[str, jax.Array]:
-        """q/k/v/o weights as transformers stores them (``[out, in]``), for base_slice init."""
-        d = self.q_proj.shape[0]
-        return {
-            "q": self.q_proj[...].reshape(d, -1).T,
-            "k": self.k_proj[...].reshape(d, -1).T,
-            "v": self.v_proj[...].reshape(d, -1).T,
-            "o": self.o_proj[...].reshape(-1, d).T,
-        }
+        """q/k/v/o weights as transformers stores them (``[out, in]``), for base_slice init.
+
+        On a stacked (scanned) attention every array has a leading layer axis.
+        """
+        q, k, v, o = (p[...] for p in (self.q_proj, self.k_proj, self.v_proj, self.o_proj))
+        if q.ndim == 4:
+            return jax.vmap(torch_layout)(q, k, v, o)
+        return torch_layout(q, k, v, o)
 
     def __call__(self, h, *, positions, inv_freq, kv, memory_state=None, write=True,
-                 valid=None, message_ids=None, sentence_ids=None):
+                 valid=None, message_ids=None, sentence_ids=None, rope=None):
         """h: normalised input [B, T, d]. kv: (keys, values, key_mask, query_slots, key_slots,
-        cache_index) from the decoder (keys/values None without a cache).
+        cache_index) from the decoder (keys/values None without a cache). ``rope``: a traced
+        bool overriding ``self.use_rope`` (scanned layers, where NoPE is per-layer data).
 
         Returns (output [B, T, d], (new_keys, new_values) or None, MemoryOutput or None).
         """
@@ -145,7 +147,10 @@ class Attention(nnx.Module):
             v = v + deltas["v"].reshape(v.shape)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.use_rope:
+        if rope is not None:
+            q = jnp.where(rope, apply_rope(q, positions, inv_freq), q)
+            k = jnp.where(rope, apply_rope(k, positions, inv_freq), k)
+        elif self.use_rope:
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         q = constrain(q, ("batch", "seq", "heads", "head_dim"))
 
@@ -156,7 +161,7 @@ class Attention(nnx.Module):
             cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
             new_kv = (cache_k, cache_v)
             k, v = cache_k.astype(dt), cache_v.astype(dt)
-        out = attention(q, k, v, key_mask, query_slots, key_slots, self.groups)
+        out = attention(q, k, v, key_mask, query_slots, key_slots, self.groups, self.chunk)
         out = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt))
         if self.bias:
             out = out + self.o_bias[...].astype(dt)
@@ -165,12 +170,38 @@ class Attention(nnx.Module):
         return out, new_kv, mem
 
 
-def attention(q, k, v, key_mask, query_slots, key_slots, groups: int):
+def torch_layout(q, k, v, o) -> dict[str, jax.Array]:
+    """Our q/k/v [d, n, hd] and o [n, hd, d] as HF Linear weights [out, in]."""
+    d = q.shape[0]
+    return {"q": q.reshape(d, -1).T, "k": k.reshape(d, -1).T, "v": v.reshape(d, -1).T,
+            "o": o.reshape(-1, d).T}
+
+
+def attention(q, k, v, key_mask, query_slots, key_slots, groups: int, chunk: int = 0):
     """Softmax attention with GQA; scores and softmax in float32.
 
     q [B, T, nh, hd]; k, v [B, S, nkv, hd]; key_mask [B, S]; a query at slot i may
-    attend to keys at slots j ≤ i whose mask is set.
+    attend to keys at slots j ≤ i whose mask is set. With ``chunk`` > 0 queries go
+    in blocks of ``chunk`` (each rematerialised in the backward pass), so the score
+    matrix held at once is [chunk, S] instead of [T, S].
     """
+    T = q.shape[1]
+    if not chunk or T <= chunk:
+        return _attention_block(q, k, v, key_mask, query_slots, key_slots, groups)
+    B, _, nh, hd = q.shape
+    pad = (-T) % chunk
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    slots = jnp.pad(query_slots, (0, pad), mode="edge")
+    blocks = (jnp.moveaxis(q.reshape(B, -1, chunk, nh, hd), 1, 0), slots.reshape(-1, chunk))
+
+    @jax.checkpoint
+    def one(block):
+        return _attention_block(block[0], k, v, key_mask, block[1], key_slots, groups)
+    out = jax.lax.map(one, blocks)
+    return jnp.moveaxis(out, 0, 1).reshape(B, -1, nh, hd)[:, :T]
+
+
+def _attention_block(q, k, v, key_mask, query_slots, key_slots, groups: int):
     B, T, nh, hd = q.shape
     nkv = k.shape[2]
     qg = q.reshape(B, T, nkv, groups, hd)

@@ -1,0 +1,17 @@
+"""SmolLM3-3B (NoPE every fourth layer): the same recipe as qwen3_4b, composed.
+
+The authors' SmolLM3 script differs only by the sparsity weight (0) and paths.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from qwen3_4b import get_config as qwen3_4b_config  # noqa: E402
+
+
+def get_config():
+    c = qwen3_4b_config()
+    c.model.preset = "smollm3_3b"
+    c.train.sparsity_weight = 0.0
+    return c

@@ -1,0 +1,284 @@
+"""Chat sessions: incremental writes, windowed cache, snapshots, reset, and the chat CLI."""
+
+import io
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from deltamem_jax import DecoderConfig, DecoderLM, DeltaMemConfig, Runner, SamplingConfig
+from deltamem_jax.chat import ChatApp, main
+from deltamem_jax.checkpoints.adapters import load_adapter, save_adapter
+from deltamem_jax.checkpoints.hf import load_hf_model, save_hf_model
+from deltamem_jax.data.tokenizer import ByteTokenizer, save_byte_tokenizer_marker
+from deltamem_jax.session import Session, SnapshotError
+
+CONFIG = DecoderConfig(model_type="qwen3", vocab_size=264, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                       head_dim=16, qk_norm=True)
+CHUNK = 16              # one bucket length, one cache capacity, one padded length → few compiles
+CAPACITY = 256
+FULL = 256
+SAMPLING = SamplingConfig(max_new_tokens=8, temperature=1.0)
+
+CONVERSATION = [
+    ("system", "You remember things."),
+    ("user", "My cat is called Miso and she is eleven years old."),
+    ("assistant", "Noted: Miso, eleven."),
+    ("user", "I also have a dog named Biscuit who loves long walks by the river."),
+    ("assistant", "Biscuit sounds lovely."),
+    ("user", "What is my cat called?"),
+]
+
+
+def _random_model(seed: int) -> DecoderLM:
+    """A random δ-mem model (U heads and β projections non-zero), built without compiling."""
+    abstract = nnx.eval_shape(lambda: DecoderLM(CONFIG, rngs=nnx.Rngs(0),
+                                                memory=DeltaMemConfig(output_init="random")))
+    graphdef, state = nnx.split(abstract)
+    rng = np.random.default_rng(seed)
+    flat = dict(nnx.to_flat_state(state))
+    for path, var in flat.items():
+        shape = var.get_value().shape
+        if path[-1] == "weight":                       # norms
+            value = 1 + 0.1 * rng.standard_normal(shape)
+        elif path[-1] == "beta_bias":
+            value = np.full(shape, -1.5)
+        else:
+            value = rng.standard_normal(shape) / np.sqrt(shape[0])
+        var.set_value(jnp.asarray(value.astype(np.float32)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """A backbone dir (HF format + byte-tokenizer marker) and an adapter dir on disk."""
+    root = tmp_path_factory.mktemp("pretrained")
+    model = _random_model(0)
+    save_hf_model(model, str(root / "model"))
+    save_byte_tokenizer_marker(str(root / "model"))
+    save_adapter(model, str(root / "adapter"))
+    return root / "model", root / "adapter"
+
+
+@pytest.fixture(scope="module")
+def model(dirs):
+    # loaded the way the chat CLI loads it, so the CLI test reuses the compiled code
+    model = load_hf_model(str(dirs[0]))
+    load_adapter(model, str(dirs[1]))
+    assert all(np.any(np.asarray(model.layers[i].self_attn.memory.beta_proj.get_value()))
+               for i in model.memory_layers)
+    return model
+
+
+@pytest.fixture(scope="module")
+def runner(model):
+    return Runner(model)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return ByteTokenizer()
+
+
+def _session(runner, tok, **kw):
+    kw.setdefault("chunk", CHUNK)
+    kw.setdefault("sampling", SAMPLING)
+    kw.setdefault("capacity", CAPACITY)
+    return Session(runner, tok, **kw)
+
+
+def _feed_conversation(session, messages=CONVERSATION):
+    for role, content in messages:
+        session.add_message(role, content)
+
+
+def _full_pass(runner, tok, messages):
+    ids = tok.render_chat([{"role": r, "content": c} for r, c in messages]).ids
+    n = len(ids)
+    assert n <= FULL
+    padded = np.zeros((1, FULL), np.int32)
+    padded[0, :n] = ids
+    out = runner(padded, attention_mask=np.arange(FULL)[None] < n)
+    return np.asarray(out.memory_state), np.asarray(out.logits[0, n - 1]), ids
+
+
+def test_turns_change_memory(runner, tok):
+    s = _session(runner, tok)
+    assert not np.any(np.asarray(s.memory_state))
+    s.add_user("hello there")
+    first = np.asarray(s.memory_state)
+    assert np.all(np.linalg.norm(first.reshape(first.shape[0], -1), axis=1) > 0)
+    s.add_user("and again")
+    assert not np.allclose(np.asarray(s.memory_state), first)
+    assert s.tokens_written == len(s.ids) == len(tok.render_chat(s.messages).ids)
+    assert s.stats()["beta_means"] is not None and len(s.stats()["state_norms"]) == 2
+
+
+def test_turn_by_turn_equals_one_full_pass(runner, tok):
+    s = _session(runner, tok, capacity=128)         # window=None: keep everything
+    cap0 = s.capacity
+    _feed_conversation(s)
+    state, logits, ids = _full_pass(runner, tok, CONVERSATION)
+    assert s.ids == ids.tolist() and s.cache_ids == s.ids
+    assert s.capacity > cap0 > 0                    # grew past its first size, still exact
+    np.testing.assert_allclose(np.asarray(s.memory_state), state, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s.next_token_logits(), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_reply_is_written_and_consistent(runner, tok):
+    s = _session(runner, tok)
+    _feed_conversation(s)
+    before = np.asarray(s.memory_state)
+    n_msgs = len(s.messages)
+    text = s.reply(rng=jax.random.key(3))
+    assert s.messages[-1] == {"role": "assistant", "content": text}
+    assert len(s.messages) == n_msgs + 1
+    # the session always matches the rendered conversation, and its memory a full pass
+    assert s.ids == tok.render_chat(s.messages).ids.tolist()
+    state, logits, _ = _full_pass(runner, tok, [(m["role"], m["content"]) for m in s.messages])
+    np.testing.assert_allclose(np.asarray(s.memory_state), state, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s.next_token_logits(), logits, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(s.memory_state), before)
+    assert s.tokens_written == len(s.ids)
+
+    # a read-only probe: the reply joins the conversation, the memory does not change
+    s.add_user("Tell me more.")
+    written = np.asarray(s.memory_state)
+    cached = s.stats()["cache_tokens"]
+    s.reply(rng=jax.random.key(4), write=False)
+    np.testing.assert_array_equal(np.asarray(s.memory_state), written)
+    assert s.stats()["cache_tokens"] > cached and s.messages[-1]["role"] == "assistant"
+    assert s.tokens_written < len(s.ids)
+
+
+def test_snapshot_restore_is_bit_exact(runner, tok, tmp_path):
+    s = _session(runner, tok, window=48, seed=7)
+    _feed_conversation(s)
+    s.reply()
+    assert s.stats()["compactions"] > 0
+    path = tmp_path / "snap"
+    s.snapshot(path)
+    s.snapshot(path)                                # overwriting works, leaves no temp dirs
+    assert sorted(os.listdir(tmp_path)) == ["snap"]
+    r = Session.restore(path, runner, tok)
+    np.testing.assert_array_equal(np.asarray(r.memory_state), np.asarray(s.memory_state))
+    np.testing.assert_array_equal(r.next_token_logits(), s.next_token_logits())
+    assert r.messages == s.messages and r.ids == s.ids and r.cache_ids == s.cache_ids
+    assert r.stats() == s.stats() and r.capacity == s.capacity
+    n = s.stats()["cache_tokens"]
+    for a, b in zip(r.cache.keys + r.cache.values, s.cache.keys + s.cache.values):
+        np.testing.assert_array_equal(np.asarray(a[:, :n]), np.asarray(b[:, :n]))
+    for sess in (s, r):
+        sess.add_user("Where does Biscuit walk?")
+    np.testing.assert_array_equal(r.next_token_logits(), s.next_token_logits())
+    np.testing.assert_array_equal(np.asarray(r.memory_state), np.asarray(s.memory_state))
+    assert r.reply() == s.reply()                   # the sampling key was restored too
+    np.testing.assert_array_equal(np.asarray(r.memory_state), np.asarray(s.memory_state))
+
+
+def test_restore_refuses_other_weights_and_bad_dirs(runner, tok, tmp_path):
+    s = _session(runner, tok)
+    s.add_user("hi")
+    s.snapshot(tmp_path / "snap")
+    other = nnx.clone(runner.model())               # the same model but one δ-mem weight
+    bias = other.layers[0].self_attn.memory.beta_bias
+    bias.set_value(jnp.asarray(np.asarray(bias.get_value()) + 0.5))
+    with pytest.raises(SnapshotError, match="different model"):
+        Session.restore(tmp_path / "snap", Runner(other), tok)
+    with pytest.raises(SnapshotError, match="not a directory"):
+        Session.restore(tmp_path / "missing", runner, tok)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SnapshotError, match="not a session snapshot"):
+        Session.restore(tmp_path / "empty", runner, tok)
+
+
+def test_reset_returns_to_zero_state(runner, tok):
+    s = _session(runner, tok)
+    _feed_conversation(s)
+    s.reset()
+    assert not np.any(np.asarray(s.memory_state))
+    assert s.messages == [] and s.ids == [] and s.stats()["cache_tokens"] == 0
+    assert not np.any(np.asarray(s.cache.mask))
+    s.add_user("hello there")
+    fresh = _session(runner, tok)
+    fresh.add_user("hello there")
+    np.testing.assert_array_equal(np.asarray(s.memory_state), np.asarray(fresh.memory_state))
+    np.testing.assert_array_equal(s.next_token_logits(), fresh.next_token_logits())
+
+
+def test_window_bounds_cache_while_memory_integrates(runner, tok):
+    window = 40
+    s = _session(runner, tok, window=window)
+    full = _session(runner, tok)
+    cap = s.capacity
+    for role, content in CONVERSATION:
+        s.add_message(role, content)
+        full.add_message(role, content)
+        n = s.stats()["cache_tokens"]
+        assert n <= window and s.cache_ids == s.ids[len(s.ids) - n:]
+        assert int(s.cache.index) == n and int(np.asarray(s.cache.mask).sum()) == n
+    assert s.stats()["compactions"] > 0 and len(s.ids) > 3 * window
+    # every token written exactly once: the first δ-mem layer sees only embeddings, so
+    # its state must match the unwindowed session's (rebuilds are read-only)
+    assert s.tokens_written == len(s.ids)
+    state = np.asarray(s.memory_state)
+    np.testing.assert_allclose(state[0], np.asarray(full.memory_state)[0], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(state[1], np.asarray(full.memory_state)[1], atol=1e-4)
+    s.reply(rng=jax.random.key(0))
+    assert s.stats()["cache_tokens"] <= window and s.capacity == cap
+    # ... and the memory holds the turns that left the window
+    recent = _session(runner, tok, window=window)
+    for role, content in CONVERSATION[-2:]:
+        recent.add_message(role, content)
+    assert not np.allclose(np.asarray(recent.memory_state), np.asarray(s.memory_state)[:, :],
+                           atol=1e-3)
+
+
+def test_chat_commands(runner, tok, tmp_path):
+    app = ChatApp(_session(runner, tok))
+    assert isinstance(app.handle("My cat is Miso."), str)
+    assert len(app.session.messages) == 2
+    stats = app.handle("/stats")
+    assert "messages 2" in stats and "beta mean" in stats
+    assert len([ln for ln in stats.splitlines() if ln.split()[0] in ("0", "1")]) == 2
+    saved_state = np.asarray(app.session.memory_state)
+    assert app.handle(f"/save {tmp_path / 'chat'}").startswith("saved session (2 messages)")
+    assert "reset" in app.handle("/reset")
+    assert not np.any(np.asarray(app.session.memory_state)) and app.session.messages == []
+    assert app.handle(f"/load {tmp_path / 'chat'}").startswith("loaded session (2 messages)")
+    np.testing.assert_array_equal(np.asarray(app.session.memory_state), saved_state)
+    err = app.handle(f"/load {tmp_path / 'nope'}")
+    assert err.startswith("error:") and "no session snapshot" in err
+    assert len(app.session.messages) == 2           # a failed load keeps the session
+    assert app.handle("/load") == "usage: /load DIR" and app.handle("/save") == "usage: /save DIR"
+    assert app.handle("/frobnicate").startswith("unknown command '/frobnicate'")
+    assert app.handle("") == "" and not app.done
+    assert app.handle("/quit") == "bye" and app.done
+
+
+def test_chat_cli_from_model_and_adapter_dirs(dirs, runner, tok, tmp_path):
+    model_dir, adapter_dir = dirs
+    snap = tmp_path / "snap"
+    stdin = io.StringIO(f"Cat is Miso.\n/stats\n/save {snap}\n/bogus\n/quit\nnever read\n")
+    stdout = io.StringIO()
+    rc = main(["--model", str(model_dir), "--adapter", str(adapter_dir), "--max-new-tokens", "8",
+               "--capacity", str(CAPACITY),
+               "--temperature", "1.0", "--seed", "5"], stdin=stdin, stdout=stdout)
+    out = stdout.getvalue()
+    assert rc == 0 and "beta mean" in out and "saved session (2 messages)" in out
+    assert "unknown command '/bogus'" in out and out.rstrip().endswith("bye")
+    # the snapshot fits the in-memory model (same architecture, δ-mem config and weights)
+    r = Session.restore(snap, runner, tok)
+    assert r.messages[0] == {"role": "user", "content": "Cat is Miso."}
+    state, _, _ = _full_pass(runner, tok, [(m["role"], m["content"]) for m in r.messages])
+    np.testing.assert_allclose(np.asarray(r.memory_state), state, rtol=1e-5, atol=1e-6)
+    # without the adapter the backbone runs bare and the snapshot does not fit it
+    stdout = io.StringIO()
+    main(["--model", str(model_dir), "--max-new-tokens", "4"],
+         stdin=io.StringIO(f"/stats\n/load {snap}\n"), stdout=stdout)
+    out = stdout.getvalue()
+    assert "no δ-mem attached" in out and "error:" in out and "different model" in out
