@@ -27,6 +27,7 @@ _EXPORTS = {
     "save_adapter": "deltamem_jax.checkpoints.adapters",
     "read_adapter_config": "deltamem_jax.checkpoints.adapters",
     "SamplingConfig": "deltamem_jax.generation", "generate": "deltamem_jax.generation",
+    "Session": "deltamem_jax.session",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -33,7 +33,8 @@ def format_stats(stats: dict) -> str:
     lines = [f"messages {stats['messages']} | tokens seen {stats['tokens_seen']}, "
              f"written {stats['tokens_written']} | cache {stats['cache_tokens']} tokens "
              f"(window {window}, capacity {stats['cache_capacity']}) | "
-             f"compactions {stats['compactions']}, rebuilds {stats['rebuilds']}"]
+             f"compactions {stats['compactions']}, reverts {stats['reverts']}, "
+             f"rebuilds {stats['rebuilds']}"]
     if not stats["layers"]:
         lines.append("no δ-mem attached (bare backbone)")
         return "\n".join(lines)
@@ -57,34 +58,37 @@ class ChatApp:
         line = line.strip()
         if not line:
             return ""
+        try:
+            return self._handle(line)
+        except (SnapshotError, OSError, ValueError) as e:
+            return f"error: {e}"
+
+    def _handle(self, line: str) -> str:
         if not line.startswith("/"):
             self.session.add_user(line)
             return self.session.reply(self.sampling)
         cmd, _, arg = line.partition(" ")
         arg = arg.strip()
-        try:
-            if cmd in ("/quit", "/exit"):
-                self.done = True
-                return "bye"
-            if cmd == "/help":
-                return HELP
-            if cmd == "/reset":
-                self.session.reset()
-                return "session reset (memory, cache and messages cleared)"
-            if cmd == "/stats":
-                return format_stats(self.session.stats())
-            if cmd == "/save":
-                if not arg:
-                    return "usage: /save DIR"
-                self.session.snapshot(arg)
-                return f"saved session ({len(self.session.messages)} messages) to {arg}"
-            if cmd == "/load":
-                if not arg:
-                    return "usage: /load DIR"
-                self.session = Session.restore(arg, self.session.runner, self.session.tokenizer)
-                return f"loaded session ({len(self.session.messages)} messages) from {arg}"
-        except (SnapshotError, OSError, ValueError) as e:
-            return f"error: {e}"
+        if cmd in ("/quit", "/exit"):
+            self.done = True
+            return "bye"
+        if cmd == "/help":
+            return HELP
+        if cmd == "/reset":
+            self.session.reset()
+            return "session reset (memory, cache and messages cleared)"
+        if cmd == "/stats":
+            return format_stats(self.session.stats())
+        if cmd == "/save":
+            if not arg:
+                return "usage: /save DIR"
+            self.session.snapshot(arg)
+            return f"saved session ({len(self.session.messages)} messages) to {arg}"
+        if cmd == "/load":
+            if not arg:
+                return "usage: /load DIR"
+            self.session = Session.restore(arg, self.session.runner, self.session.tokenizer)
+            return f"loaded session ({len(self.session.messages)} messages) from {arg}"
         return f"unknown command {cmd!r} (try /help)"
 
 
@@ -100,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max tokens kept in the KV cache (default: all)")
     p.add_argument("--capacity", type=int, default=None,
                    help="initial KV-cache length (default: sized from --window)")
+    p.add_argument("--chunk", type=int, default=256,
+                   help="longest single model pass when feeding text (a power of two)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -113,13 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None, stdin: TextIO = sys.stdin,
          stdout: TextIO = sys.stdout) -> int:
-    args = build_parser().parse_args(argv)
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p)
-    session = Session.from_pretrained(args.model, args.adapter, tokenizer=args.tokenizer,
-                                      dtype=args.dtype, window=args.window, sampling=sampling,
-                                      system=args.system, seed=args.seed,
-                                      capacity=args.capacity)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_k=args.top_k,
+                                  top_p=args.top_p)
+        session = Session.from_pretrained(args.model, args.adapter, tokenizer=args.tokenizer,
+                                          dtype=args.dtype, window=args.window,
+                                          sampling=sampling, system=args.system, seed=args.seed,
+                                          capacity=args.capacity, chunk=args.chunk)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
     app = ChatApp(session, sampling)
     interactive = stdin.isatty()
     if interactive:

@@ -155,6 +155,7 @@ class Session:
         self.messages: list[dict[str, str]] = []
         self._clear()
         self.rebuilds = 0
+        self.reverts = 0
         self.compactions = 0
         if self.system:
             self.add_message("system", self.system)
@@ -162,8 +163,8 @@ class Session:
     def _clear(self) -> None:
         self._ids: list[int] = []
         mc = self.runner.memory_config
-        self._memory = (None if mc is None else self._put(jnp.zeros(
-            (len(self.runner.memory_layers), 1, mc.num_state_heads, mc.rank, mc.rank), jnp.float32)))
+        shape = (len(self.runner.memory_layers), 1, mc.num_state_heads, mc.rank, mc.rank) if mc else ()
+        self._memory = None if mc is None else self._put(jnp.zeros(shape, jnp.float32))
         self._cache = self._fresh_cache()
         self._cache_len = 0        # real tokens in the cache == cache.index
         self._cache_start = 0      # ids[_cache_start:] are the cached tokens
@@ -208,11 +209,12 @@ class Session:
                 "messages": len(self.messages), "tokens_seen": len(self._ids),
                 "tokens_written": self.tokens_written, "cache_tokens": self._cache_len,
                 "cache_capacity": self._capacity, "window": self.window,
-                "compactions": self.compactions, "rebuilds": self.rebuilds}
+                "compactions": self.compactions, "reverts": self.reverts,
+                "rebuilds": self.rebuilds}
 
     # ------------------------------------------------------------------ turns
     def add_message(self, role: str, content: str, *, write: bool = True) -> None:
-        """Append a message and feed its rendered tokens (written into memory unless ``write=False``)."""
+        """Append a message and feed its new tokens (written into memory unless ``write=False``)."""
         self.messages.append({"role": role, "content": content})
         try:
             self._sync(write=write)
@@ -276,6 +278,7 @@ class Session:
             self._feed(target[p:], write=write)
         elif checkpoint is not None and p >= checkpoint.n_ids:
             self._restore_checkpoint(checkpoint)
+            self.reverts += 1
             self._feed(target[checkpoint.n_ids:], write=write)
         else:
             self._rebuild(target)
@@ -405,7 +408,7 @@ class Session:
                          "seed": self.seed, "capacity": self._capacity,
                          "sampling": dataclasses.asdict(self.sampling)},
             "counters": {"tokens_written": self.tokens_written, "rebuilds": self.rebuilds,
-                         "compactions": self.compactions},
+                         "reverts": self.reverts, "compactions": self.compactions},
             "model": _model_signature(self.runner),
         }
         tmp = tempfile.mkdtemp(prefix=".session-", dir=parent)
@@ -490,7 +493,7 @@ class Session:
         self._rng = jax.random.wrap_key_data(jnp.asarray(arrays["rng"]))
         c = meta["counters"]
         self.tokens_written, self.rebuilds = c["tokens_written"], c["rebuilds"]
-        self.compactions = c["compactions"]
+        self.compactions, self.reverts = c["compactions"], c["reverts"]
         return self
 
     # ------------------------------------------------------------------ loading
@@ -514,7 +517,7 @@ class Session:
 
 
 def _single_device(runner: Runner):
-    """The device holding the model, if it sits on exactly one (else None: leave placement to jit)."""
+    """The device holding the model if it sits on exactly one (else None: placement is jit's)."""
     for _, var in nnx.to_flat_state(runner.state):
         value = var.get_value()
         sharding = getattr(value, "sharding", None)

@@ -129,29 +129,69 @@ def test_turn_by_turn_equals_one_full_pass(runner, tok):
     np.testing.assert_allclose(s.next_token_logits(), logits, rtol=1e-5, atol=1e-5)
 
 
-def test_reply_is_written_and_consistent(runner, tok):
-    s = _session(runner, tok)
-    _feed_conversation(s)
-    before = np.asarray(s.memory_state)
-    n_msgs = len(s.messages)
-    text = s.reply(rng=jax.random.key(3))
-    assert s.messages[-1] == {"role": "assistant", "content": text}
-    assert len(s.messages) == n_msgs + 1
-    # the session always matches the rendered conversation, and its memory a full pass
-    assert s.ids == tok.render_chat(s.messages).ids.tolist()
-    state, logits, _ = _full_pass(runner, tok, [(m["role"], m["content"]) for m in s.messages])
-    np.testing.assert_allclose(np.asarray(s.memory_state), state, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(s.next_token_logits(), logits, rtol=1e-5, atol=1e-5)
-    assert not np.allclose(np.asarray(s.memory_state), before)
+class ExactBytes(ByteTokenizer):
+    """decode ∘ encode is the identity on every non-stop id (specials map to private chars)."""
+
+    def encode(self, text):
+        return [ord(c) - 0xE000 if ord(c) >= 0xE000 else ord(c) + self.OFFSET for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(0xE000 + int(i)) if int(i) < self.OFFSET else chr(int(i) - self.OFFSET)
+                       for i in ids)
+
+
+class ConstantReply(ByteTokenizer):
+    """Decodes every reply to "ok": the re-rendered reply never matches the generated tokens."""
+
+    def decode(self, ids):
+        return "ok"
+
+
+def _check_matches_full_pass(s, runner):
+    assert s.ids == s.tokenizer.render_chat(s.messages).ids.tolist()
+    ids = s.tokenizer.render_chat(s.messages).ids
+    padded = np.zeros((1, FULL), np.int32)
+    padded[0, :len(ids)] = ids
+    out = runner(padded, attention_mask=np.arange(FULL)[None] < len(ids))
+    np.testing.assert_allclose(np.asarray(s.memory_state), np.asarray(out.memory_state),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s.next_token_logits(), np.asarray(out.logits[0, len(ids) - 1]),
+                               rtol=1e-5, atol=1e-5)
     assert s.tokens_written == len(s.ids)
 
-    # a read-only probe: the reply joins the conversation, the memory does not change
+
+def test_reply_writes_generated_tokens(runner):
+    # a prefix-stable tokenizer: the generated tokens stay, so generation itself must write
+    s = _session(runner, ExactBytes())
+    _feed_conversation(s, CONVERSATION[:2])
+    before = np.asarray(s.memory_state)
+    text = s.reply(rng=jax.random.key(3))
+    assert len(text) >= 2 and s.messages[-1] == {"role": "assistant", "content": text}
+    assert s.stats()["reverts"] == 0 and s.stats()["rebuilds"] == 0
+    _check_matches_full_pass(s, runner)
+    assert not np.allclose(np.asarray(s.memory_state), before)
+
+
+def test_reply_that_does_not_re_encode_is_rewritten(runner):
+    s = _session(runner, ConstantReply())
+    _feed_conversation(s, CONVERSATION[:2])
+    assert s.reply(rng=jax.random.key(3)) == "ok"
+    assert s.stats()["reverts"] == 1 and s.stats()["rebuilds"] == 0
+    _check_matches_full_pass(s, runner)             # the generated tokens' writes were undone
+
+
+def test_read_only_probe_reply(runner, tok):
+    s = _session(runner, tok)
+    _feed_conversation(s, CONVERSATION[:2])
+    s.reply(rng=jax.random.key(1))
+    _check_matches_full_pass(s, runner)
     s.add_user("Tell me more.")
     written = np.asarray(s.memory_state)
     cached = s.stats()["cache_tokens"]
     s.reply(rng=jax.random.key(4), write=False)
     np.testing.assert_array_equal(np.asarray(s.memory_state), written)
     assert s.stats()["cache_tokens"] > cached and s.messages[-1]["role"] == "assistant"
+    assert s.ids == tok.render_chat(s.messages).ids.tolist()
     assert s.tokens_written < len(s.ids)
 
 
@@ -256,6 +296,7 @@ def test_chat_commands(runner, tok, tmp_path):
     assert len(app.session.messages) == 2           # a failed load keeps the session
     assert app.handle("/load") == "usage: /load DIR" and app.handle("/save") == "usage: /save DIR"
     assert app.handle("/frobnicate").startswith("unknown command '/frobnicate'")
+    assert app.handle(f"/save {tmp_path / 'chat' / 'arrays.npz' / 'x'}").startswith("error:")
     assert app.handle("") == "" and not app.done
     assert app.handle("/quit") == "bye" and app.done
 
@@ -266,7 +307,7 @@ def test_chat_cli_from_model_and_adapter_dirs(dirs, runner, tok, tmp_path):
     stdin = io.StringIO(f"Cat is Miso.\n/stats\n/save {snap}\n/bogus\n/quit\nnever read\n")
     stdout = io.StringIO()
     rc = main(["--model", str(model_dir), "--adapter", str(adapter_dir), "--max-new-tokens", "8",
-               "--capacity", str(CAPACITY),
+               "--capacity", str(CAPACITY), "--chunk", str(CHUNK),
                "--temperature", "1.0", "--seed", "5"], stdin=stdin, stdout=stdout)
     out = stdout.getvalue()
     assert rc == 0 and "beta mean" in out and "saved session (2 messages)" in out
@@ -282,3 +323,6 @@ def test_chat_cli_from_model_and_adapter_dirs(dirs, runner, tok, tmp_path):
          stdin=io.StringIO(f"/stats\n/load {snap}\n"), stdout=stdout)
     out = stdout.getvalue()
     assert "no δ-mem attached" in out and "error:" in out and "different model" in out
+    with pytest.raises(SystemExit):                 # bad settings: a usage error, no traceback
+        main(["--model", str(model_dir), "--window", "0"], stdin=io.StringIO(""),
+             stdout=io.StringIO())

@@ -155,6 +155,14 @@ class EpisodeLoader:
         self._batch += 1
         return out
 
+    def global_rows(self) -> np.ndarray:
+        """Example indices of the next global batch (all hosts), without advancing."""
+        epoch, batch = self._epoch, self._batch
+        if batch >= self.batches_per_epoch:
+            epoch, batch = epoch + 1, 0
+        start = batch * self.global_batch_size
+        return self.order(epoch)[start : start + self.global_batch_size]
+
     def state(self) -> dict[str, Any]:
         """JSON-serialisable position: the next batch is ``batch`` of ``epoch``."""
         epoch, batch = self._epoch, self._batch

@@ -46,6 +46,7 @@ class DecoderConfig:
     pad_token_id: Optional[int] = None
     bos_token_id: Optional[int] = None
     eos_token_id: Any = None
+    initializer_range: float = 0.02        # std of a from-scratch init
     # How to run, not what:
     dtype: str = "float32"                 # activations / matmul inputs
     param_dtype: str = "float32"
@@ -141,6 +142,7 @@ class DecoderConfig:
             pad_token_id=hf.get("pad_token_id"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
+            initializer_range=float(hf.get("initializer_range", 0.02)),
         )
         values.update(overrides)
         return cls(**values)
@@ -175,6 +177,7 @@ class DecoderConfig:
             "pad_token_id": self.pad_token_id,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
+            "initializer_range": self.initializer_range,
             "dtype": self.param_dtype,
         }
         if self.model_type != "qwen3":

@@ -57,7 +57,7 @@ class DecoderLM(nnx.Module):
         self.config = config
         dt = config.weight_dtype
         self.embed_tokens = weight(rngs, (config.vocab_size, config.hidden_size),
-                                   ("vocab", "embed"), dt)
+                                   ("vocab", "embed"), dt, config.initializer_range)
         if config.scan_layers:
             self.layers = _stacked(lambda r: DecoderLayer(config, 0, r),
                                    config.num_hidden_layers, rngs)
@@ -67,7 +67,7 @@ class DecoderLM(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dt)
         if not config.tie_word_embeddings:
             self.lm_head = weight(rngs, (config.hidden_size, config.vocab_size),
-                                  ("embed", "vocab"), dt)
+                                  ("embed", "vocab"), dt, config.initializer_range)
         self.memory_config: Optional[DeltaMemConfig] = None
         if memory is not None:
             self.attach_memory(memory, rngs=rngs)

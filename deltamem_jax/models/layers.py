@@ -21,7 +21,7 @@ from deltamem_jax.sharding import LOGICAL_AXES, constrain
 _NEG_INF = -1e30
 
 
-def weight(rngs: nnx.Rngs, shape, axes, dtype, std: float = 0.02) -> nnx.Param:
+def weight(rngs: nnx.Rngs, shape, axes, dtype, std: float) -> nnx.Param:
     """A backbone weight: N(0, std²), tagged with logical axis names."""
     return nnx.Param((std * jax.random.normal(rngs.params(), shape)).astype(dtype),
                      **{LOGICAL_AXES: axes})
@@ -50,9 +50,9 @@ class MLP(nnx.Module):
 
     def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
         d, f, dt = config.hidden_size, config.intermediate_size, config.weight_dtype
-        self.gate_proj = weight(rngs, (d, f), ("embed", "mlp"), dt)
-        self.up_proj = weight(rngs, (d, f), ("embed", "mlp"), dt)
-        self.down_proj = weight(rngs, (f, d), ("mlp", "embed"), dt)
+        self.gate_proj = weight(rngs, (d, f), ("embed", "mlp"), dt, config.initializer_range)
+        self.up_proj = weight(rngs, (d, f), ("embed", "mlp"), dt, config.initializer_range)
+        self.down_proj = weight(rngs, (f, d), ("mlp", "embed"), dt, config.initializer_range)
         if config.mlp_bias:
             self.gate_bias = filled(0.0, (f,), ("mlp",), dt)
             self.up_bias = filled(0.0, (f,), ("mlp",), dt)
@@ -82,15 +82,16 @@ class Attention(nnx.Module):
         c = config
         d, nh, nkv, hd, dt = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
                               c.head_dim, c.weight_dtype)
-        self.q_proj = weight(rngs, (d, nh, hd), ("embed", "heads", "head_dim"), dt)
-        self.k_proj = weight(rngs, (d, nkv, hd), ("embed", "kv_heads", "head_dim"), dt)
-        self.v_proj = weight(rngs, (d, nkv, hd), ("embed", "kv_heads", "head_dim"), dt)
-        self.o_proj = weight(rngs, (nh, hd, d), ("heads", "head_dim", "embed"), dt)
+        std = c.initializer_range
+        self.q_proj = weight(rngs, (d, nh, hd), ("embed", "heads", "head_dim"), dt, std)
+        self.k_proj = weight(rngs, (d, nkv, hd), ("embed", "kv_heads", "head_dim"), dt, std)
+        self.v_proj = weight(rngs, (d, nkv, hd), ("embed", "kv_heads", "head_dim"), dt, std)
+        self.o_proj = weight(rngs, (nh, hd, d), ("heads", "head_dim", "embed"), dt, std)
         self.bias = c.attention_bias
         if c.attention_bias:
-            self.q_bias = filled(0.0, (nh, hd), ("heads", "head_dim"), dt)
-            self.k_bias = filled(0.0, (nkv, hd), ("kv_heads", "head_dim"), dt)
-            self.v_bias = filled(0.0, (nkv, hd), ("kv_heads", "head_dim"), dt)
+            self.q_bias = filled(0.0, (nh, hd), ("heads", "head_dim"), dt, std)
+            self.k_bias = filled(0.0, (nkv, hd), ("kv_heads", "head_dim"), dt, std)
+            self.v_bias = filled(0.0, (nkv, hd), ("kv_heads", "head_dim"), dt, std)
             self.o_bias = filled(0.0, (d,), ("embed",), dt)
         self.qk_norm = c.qk_norm
         if c.qk_norm:

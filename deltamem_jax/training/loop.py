@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import time
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -143,6 +142,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> d
             log.info("%s", format_counts(counts))
         start = time.perf_counter()
         while step < c.train.steps:
+            rows = loader.global_rows()
             local = next(loader)
             tokens = int(np.sum(local["write_mask"]) + np.sum(local["read_mask"])) * \
                 jax.process_count()
@@ -155,8 +155,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> d
                     f"the run stopped. Last good checkpoint: "
                     f"{'none' if latest is None else f'step {latest}'} in {ckpt.directory}")
             step += 1
-            digest = int(np.sum(local["example_index"].astype(np.int64) * 7919) % 1_000_003)
-            metrics_log.log(step, metrics, tokens, {"batch_digest": digest})
+            metrics_log.log(step, metrics, tokens, {"batch_digest": batch_digest(rows)})
             ckpt.save(step, state, loader.state(), {"step": step})
             if c.train.stop_after and step >= c.train.stop_after and step < c.train.steps:
                 log.info("stopping after step %d (train.stop_after)", step)
@@ -182,6 +181,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> d
         log.info("done: %s", json.dumps({k: v for k, v in summary.items() if k != "final"},
                                          default=float))
     return summary
+
+
+def batch_digest(rows) -> int:
+    """A short fingerprint of a global batch's example order (for logs and resume checks)."""
+    rows = np.asarray(rows, np.int64)
+    return int(np.sum((rows + 1) * (np.arange(rows.size) + 7919)) % 1_000_003)
 
 
 def export_adapter(s: Setup, params, frozen, path: str) -> None:
@@ -258,5 +263,3 @@ def format_dry_run(result: dict) -> str:
     ])
 
 
-def optional_path(path: str) -> Optional[str]:
-    return path or None

@@ -1,0 +1,46 @@
+"""The benchmark CLI's scan table at a tiny size: every method, finite figures, depths."""
+
+import math
+
+from deltamem_jax import bench, osam
+
+
+def test_scan_table_tiny():
+    T, chunk = 16, 4                  # tiny: the cost is compiling 8 programs
+    rows = bench.run_scan(T_list=[T], batch=2, rank=4, chunk_sizes=[chunk], repeats=1,
+                          max_seconds=5.0)
+    assert [r["method"] for r in rows] == list(bench.SCAN_METHODS)
+    for r in rows:
+        for kind in ("fwd", "fwd_bwd"):
+            m = r[kind]
+            assert "na" not in m, (r["method"], kind, m.get("na"))
+            for key in ("ms", "loop_flops", "peak_bytes", "ratio_to_sequential"):
+                assert math.isfinite(m[key]) and m[key] > 0, (r["method"], kind, key)
+    by = {r["method"]: r for r in rows}
+    assert by["auto"]["resolved"] == "sequential"                      # on CPU
+    assert by["chunked"]["fwd"]["serial_depth"] == T // chunk
+    assert by["sequential"]["fwd"]["serial_depth"] == T // osam._SEQUENTIAL_UNROLL
+    assert by["associative"]["fwd"]["serial_depth"] == 1               # no loop
+    assert by["sequential"]["fwd_bwd"]["ratio_to_sequential"] == 1.0
+    # XLA counts a loop body once; the recount multiplies it by the trip count.
+    assert by["sequential"]["fwd"]["loop_flops"] > 10 * by["sequential"]["fwd"]["flops"]
+
+    table = bench.format_scan_markdown(rows, bench.machine_info(),
+                                       {"batch": 2, "rank": 4, "repeats": 1})
+    for label in ("auto → sequential", "| sequential |", "associative", "chunked (C=4)"):
+        assert label in table
+    assert "n/a" not in table
+
+
+def test_scan_na_when_over_memory_budget():
+    row = bench.bench_scan_case("sequential", 8, batch=1, rank=4, repeats=1, mem_budget=1)
+    assert row["fwd"]["ms"] is None and "budget" in row["fwd"]["na"]
+    assert "n/a (needs" in bench.format_scan_markdown(
+        [row], bench.machine_info(), {"batch": 1, "rank": 4, "repeats": 1})
+
+
+def test_cli_parses_scan_options():
+    args = bench.build_parser().parse_args(
+        ["scan", "--T", "128", "--methods", "sequential", "chunked", "--chunk-size", "8"])
+    assert args.T == [128] and args.methods == ["sequential", "chunked"]
+    assert args.chunk_size == [8] and "scan" in bench.SUBCOMMANDS
