@@ -62,7 +62,9 @@ def one_step(config, devices):
 
 def test_sharded_step_equals_single_device(data):
     assert jax.device_count() == 8
-    config = tiny(data)
+    # Adam's first step is ±lr·g/(|g|+eps): for |g| ≪ eps it scales float noise in g by
+    # lr/eps. A larger eps keeps the comparison about the sharded computation itself.
+    config = tiny(data, **{"optim.eps": 1e-3})
     loss1, params1, before1, _, _ = one_step(config, jax.devices()[:1])
     config.mesh.shape = (2, 2, 2)
     loss8, params8, before8, after8, state8 = one_step(config, jax.devices())

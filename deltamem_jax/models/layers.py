@@ -89,9 +89,9 @@ class Attention(nnx.Module):
         self.o_proj = weight(rngs, (nh, hd, d), ("heads", "head_dim", "embed"), dt, std)
         self.bias = c.attention_bias
         if c.attention_bias:
-            self.q_bias = filled(0.0, (nh, hd), ("heads", "head_dim"), dt, std)
-            self.k_bias = filled(0.0, (nkv, hd), ("kv_heads", "head_dim"), dt, std)
-            self.v_bias = filled(0.0, (nkv, hd), ("kv_heads", "head_dim"), dt, std)
+            self.q_bias = filled(0.0, (nh, hd), ("heads", "head_dim"), dt)
+            self.k_bias = filled(0.0, (nkv, hd), ("kv_heads", "head_dim"), dt)
+            self.v_bias = filled(0.0, (nkv, hd), ("kv_heads", "head_dim"), dt)
             self.o_bias = filled(0.0, (d,), ("embed",), dt)
         self.qk_norm = c.qk_norm
         if c.qk_norm:
