@@ -17,15 +17,11 @@ hosts) keep fsdp within a host's chips and let data fill the rest, e.g.
 raise --config.train.batch_size to a multiple of the data-parallel size.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from base import get_base_config  # noqa: E402
+from deltamem_jax.training.defaults import base_config
 
 
 def get_config():
-    c = get_base_config()
+    c = base_config()
     c.model.preset = "qwen3_4b"          # architecture for --dry_run without weights
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "bfloat16"

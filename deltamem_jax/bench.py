@@ -355,8 +355,20 @@ def cmd_scan(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------
 # CLI
 
+def _add_throughput_args(p: argparse.ArgumentParser) -> None:
+    from deltamem_jax import bench_throughput
+    bench_throughput.add_args(p)
+
+
+def _cmd_throughput(args: argparse.Namespace) -> int:
+    from deltamem_jax import bench_throughput
+    return bench_throughput.cmd(args)
+
+
 SUBCOMMANDS = {
     "scan": (add_scan_args, cmd_scan, "OSAM recurrence: time, memory, FLOPs, depth by method"),
+    "throughput": (_add_throughput_args, _cmd_throughput,
+                   "prefill/decode: backbone vs + δ-mem; decode latency vs history length"),
 }
 
 

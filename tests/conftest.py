@@ -17,8 +17,13 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# The shared read-only data (fixtures, LoCoMo) sit next to the repository; a clone
+# elsewhere finds them through DELTAMEM_FIXTURES / DELTAMEM_LOCOMO or /work/shared.
+_SHARED = next((p for p in (REPO.parent / "shared", pathlib.Path("/work/shared"))
+                if p.is_dir()), REPO.parent / "shared")
+os.environ.setdefault("DELTAMEM_LOCOMO", str(_SHARED / "data" / "locomo10.json"))
 FIXTURES = pathlib.Path(os.environ.get(
-    "DELTAMEM_FIXTURES", REPO.parent / "shared" / "fixtures" / "official-parity"))
+    "DELTAMEM_FIXTURES", _SHARED / "fixtures" / "official-parity"))
 
 
 @pytest.fixture(scope="session")

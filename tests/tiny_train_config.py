@@ -1,14 +1,10 @@
 """A tiny from-scratch training config for the test suite (seconds per step on a CPU)."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
-from base import get_base_config  # noqa: E402
+from deltamem_jax.training.defaults import base_config
 
 
 def get_config():
-    c = get_base_config()
+    c = base_config()
     c.model.scratch.update(model_type="qwen3", vocab_size=264, hidden_size=32,
                            intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, head_dim=8, max_position_embeddings=512,

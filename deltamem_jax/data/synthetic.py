@@ -51,6 +51,15 @@ FACT_KINDS = {
     "trip": ("Next month I fly to {}.", "Where do I fly next month?", lambda r: str(r.choice(_CITIES))),
     "colour": ("My favourite colour is {}.", "What is my favourite colour?", lambda r: str(r.choice(_COLOURS))),
 }
+# The same facts restated as a reply ("sentence" answers): the reply's first words
+# follow from the question, the value must come from the history.
+ANSWER_SENTENCES = {
+    "locker": "Your locker code is {}.", "pin": "Your bike lock PIN is {}.",
+    "room": "Your hotel room is number {}.", "pet": "Your cat is called {}.",
+    "friend": "Your best friend is {}.", "sister": "Your sister's name is {}.",
+    "born": "You were born in {}.", "trip": "Next month you fly to {}.",
+    "colour": "Your favourite colour is {}.",
+}
 
 _ACKS = ("Got it.", "Noted.", "Okay, noted.", "I'll remember.", "Thanks, noted.")
 _FILLER = (
@@ -77,6 +86,7 @@ class SyntheticConfig:
     facts: tuple[int, int] = (2, 4)
     filler_turns: tuple[int, int] = (1, 3)
     seed: int = 0
+    answer_style: str = "value"        # "value": "4821"; "sentence": "Your locker code is 4821."
 
     def __post_init__(self):
         lo, hi = self.facts
@@ -85,6 +95,8 @@ class SyntheticConfig:
         lo, hi = self.filler_turns
         if not 0 <= lo <= hi:
             raise ValueError(f"bad filler_turns range {self.filler_turns}")
+        if self.answer_style not in ("value", "sentence"):
+            raise ValueError(f"answer_style must be 'value' or 'sentence', got {self.answer_style!r}")
 
 
 def generate_conversation(rng: np.random.Generator, config: SyntheticConfig = SyntheticConfig()) -> dict:
@@ -108,7 +120,9 @@ def generate_conversation(rng: np.random.Generator, config: SyntheticConfig = Sy
         msgs.append({"role": "assistant", "content": a})
     asked = kinds[int(rng.integers(len(kinds)))]
     msgs.append({"role": "user", "content": FACT_KINDS[asked][1]})
-    msgs.append({"role": "assistant", "content": answers[asked]})
+    reply = answers[asked] if config.answer_style == "value" else \
+        ANSWER_SENTENCES[asked].format(answers[asked])
+    msgs.append({"role": "assistant", "content": reply})
     return {"messages": msgs}
 
 

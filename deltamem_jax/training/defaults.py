@@ -1,4 +1,4 @@
-"""Defaults shared by every training config; each config file edits a copy.
+"""The training config schema with its defaults; each file in configs/ edits a copy.
 
 Every field can be overridden on the command line, e.g.
 ``python train.py --config=configs/demo_cpu.py --config.train.steps=50``.
@@ -8,7 +8,7 @@ import ml_collections
 from ml_collections import config_dict
 
 
-def get_base_config() -> ml_collections.ConfigDict:
+def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     # The frozen backbone: a local Hugging Face checkpoint directory (hf_dir), or an
@@ -98,4 +98,24 @@ def get_base_config() -> ml_collections.ConfigDict:
         initialize=False, coordinator_address="", num_processes=1, process_id=0,
         local_device_ids=config_dict.placeholder(tuple),
     ))
+    return c
+
+
+def demo_config() -> ml_collections.ConfigDict:
+    """The CPU demo's δ-mem stage: a tiny frozen byte-level backbone, minutes on 2 cores."""
+    c = base_config()
+    c.data.tokenizer = "byte"
+    c.data.max_length = 64
+    c.data.max_write_length = 256
+    c.data.num_buckets = 1
+    c.data.p_state_only = 0.0
+    c.memory.output_init = "zero"
+    c.optim.learning_rate = 3e-3
+    c.optim.warmup_ratio = 0.05
+    c.train.steps = 600
+    c.train.batch_size = 32
+    c.train.sparsity_weight = 0.0
+    c.train.log_every = 50
+    c.checkpoint.every = 200
+    c.logging.tensorboard = True
     return c

@@ -1,0 +1,9 @@
+"""Evaluation: recall (every field: deltamem_jax/evaluation/defaults.py)."""
+
+from deltamem_jax.evaluation.defaults import eval_config
+
+
+def get_config():
+    c = eval_config()
+    c.task = "recall"
+    return c

@@ -1,0 +1,179 @@
+"""Throughput: the backbone alone vs the backbone + δ-mem (same weights), and decode
+latency as the conversation grows (history in the KV cache vs history in memory).
+
+``python -m deltamem_jax.bench throughput`` prints markdown tables and writes a
+plot. Everything is jit-compiled and warmed up; times are medians of repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deltamem_jax.bench import machine_info, machine_line, time_call
+from deltamem_jax.generation import SamplingConfig, _generate
+from deltamem_jax.memory_config import DeltaMemConfig
+from deltamem_jax.models.cache import KVCache
+from deltamem_jax.models.config import DecoderConfig
+from deltamem_jax.models.decoder import DecoderLM
+from deltamem_jax.models.functional import apply
+
+MODELS = {
+    # the demo's backbone shape, and a GPT-2-small-sized one
+    "demo": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, head_dim=16, vocab_size=264),
+    "d768x12": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                    num_attention_heads=12, num_key_value_heads=12, head_dim=64,
+                    vocab_size=32000),
+}
+
+
+def build(name: str, memory: bool, seed: int = 0) -> DecoderLM:
+    """A random model; with ``memory`` the same backbone weights plus active δ-mem."""
+    config = DecoderConfig(model_type="llama", max_position_embeddings=65536, **MODELS[name])
+    model = DecoderLM(config, rngs=nnx.Rngs(seed))
+    if memory:
+        model.attach_memory(DeltaMemConfig(output_init="random"), rngs=nnx.Rngs(seed + 1))
+        for i in model.memory_layers:       # non-zero gates, so every write does work
+            m = model.layers[i].self_attn.memory
+            m.beta_proj.set_value(0.02 * jax.random.normal(jax.random.key(i), m.beta_proj.shape))
+    return model
+
+
+def prefill_time(model: DecoderLM, T: int, memory: bool, repeats: int) -> float:
+    graphdef, state = nnx.split(model)
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, model.config.vocab_size, (1, T)),
+                      jnp.int32)
+    fn = lambda s, i: apply(graphdef, s, i, write=True, use_memory=memory).logits  # noqa: E731
+    return time_call(fn, (state, ids), repeats)["ms"]
+
+
+def decode_time(model: DecoderLM, history: int, memory: bool, tokens: int,
+                repeats: int) -> float:
+    """ms per generated token after a cache already holding ``history`` tokens."""
+    graphdef, state = nnx.split(model)
+    c = model.config
+    cache = KVCache.init(c, 1, history + tokens + 1)
+    rng = np.random.default_rng(1)
+    fill = lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.1, x.dtype)  # noqa: E731
+    cache = cache._replace(keys=jax.tree.map(fill, cache.keys),
+                           values=jax.tree.map(fill, cache.values),
+                           mask=cache.mask.at[:, :history].set(True),
+                           positions=jnp.full((1,), history, jnp.int32),
+                           index=jnp.asarray(history, jnp.int32))
+    state_mem = model.init_memory_state(1) if memory else None
+    prompt = jnp.full((1, 1), 7, jnp.int32)
+    sampling = SamplingConfig(max_new_tokens=tokens)
+
+    def run(s, cache, mem):
+        return _generate(graphdef, s, prompt, jnp.ones((1, 1), bool), mem, cache,
+                         jax.random.key(0), sampling=sampling, eos=(), pad_id=0, write=True,
+                         use_memory=memory).tokens
+    return time_call(run, (state, cache, state_mem), repeats)["ms"] / (tokens + 1)
+
+
+def run_throughput(models: Sequence[str], prefill_T: Sequence[int], histories: Sequence[int],
+                   window: int, decode_tokens: int, repeats: int, log=print) -> dict:
+    out = {"prefill": [], "decode": [], "history": []}
+    for name in models:
+        base, mem = build(name, False), build(name, True)
+        for T in prefill_T:
+            b, m = prefill_time(base, T, False, repeats), prefill_time(mem, T, True, repeats)
+            out["prefill"].append({"model": name, "T": T, "base_tok_s": T / b * 1e3,
+                                   "mem_tok_s": T / m * 1e3, "overhead": m / b})
+            log(f"prefill {name} T={T}: {out['prefill'][-1]}")
+        b = decode_time(base, window, False, decode_tokens, repeats)
+        m = decode_time(mem, window, True, decode_tokens, repeats)
+        out["decode"].append({"model": name, "context": window, "base_tok_s": 1e3 / b,
+                              "mem_tok_s": 1e3 / m, "overhead": m / b})
+        log(f"decode {name}: {out['decode'][-1]}")
+    name = models[-1]
+    base, mem = build(name, False), build(name, True)
+    flat = decode_time(mem, window, True, decode_tokens, repeats)
+    for h in histories:
+        full = decode_time(base, h, False, decode_tokens, repeats)
+        out["history"].append({"model": name, "history": h, "full_context_ms": full,
+                               "memory_ms": flat})
+        log(f"history {h}: full {full:.2f} ms/token, δ-mem window {window}: {flat:.2f}")
+    return out
+
+
+def format_markdown(res: dict, machine: dict) -> str:
+    lines = [machine_line(machine), "",
+             "| model | prefill tokens | backbone tok/s | + δ-mem tok/s | overhead |",
+             "|---|---|---|---|---|"]
+    for r in res["prefill"]:
+        lines.append(f"| {r['model']} | {r['T']:,} | {r['base_tok_s']:,.0f} | "
+                     f"{r['mem_tok_s']:,.0f} | {r['overhead']:.3f}× |")
+    lines += ["", "| model | decode (cache of) | backbone tok/s | + δ-mem tok/s | overhead |",
+              "|---|---|---|---|---|"]
+    for r in res["decode"]:
+        lines.append(f"| {r['model']} | {r['context']:,} | {r['base_tok_s']:,.1f} | "
+                     f"{r['mem_tok_s']:,.1f} | {r['overhead']:.3f}× |")
+    lines += ["", "| history tokens | full context: ms/token | δ-mem, short window: ms/token |",
+              "|---|---|---|"]
+    for r in res["history"]:
+        lines.append(f"| {r['history']:,} | {r['full_context_ms']:.2f} | {r['memory_ms']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    h = [r["history"] for r in res["history"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(h, [r["full_context_ms"] for r in res["history"]], "o-",
+            label="history in the KV cache (full context)")
+    ax.plot(h, [r["memory_ms"] for r in res["history"]], "s-",
+            label="history in δ-mem (short window)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("conversation history (tokens)")
+    ax.set_ylabel("decode latency (ms / token)")
+    ax.set_title(f"Decode latency vs history ({res['history'][0]['model']})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=sorted(MODELS))
+    p.add_argument("--prefill", type=int, nargs="+", default=[512, 2048, 8192])
+    p.add_argument("--histories", type=int, nargs="+",
+                   default=[1024, 2048, 4096, 8192, 16384, 32768])
+    p.add_argument("--window", type=int, default=256, help="KV window kept with δ-mem")
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json")
+    p.add_argument("--markdown")
+    p.add_argument("--plot", default="throughput_history.png")
+
+
+def cmd(args: argparse.Namespace) -> int:
+    machine = machine_info()
+    print(machine_line(machine), flush=True)
+    res = run_throughput(args.models, args.prefill, args.histories, args.window,
+                         args.decode_tokens, args.repeats, log=lambda s: print(s, flush=True))
+    table = format_markdown(res, machine)
+    print()
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, **res}, f, indent=1)
+    if args.plot and res["history"]:
+        plot(res, args.plot)
+        print(f"plot -> {args.plot}")
+    return 0
+
+

@@ -1,0 +1,96 @@
+"""The CPU demo pipeline at a tiny size, end to end, then eval.py on what it produced.
+
+The full demo is the README's main command; here every stage runs at toy sizes
+(seconds) so that the wiring (data -> backbone -> δ-mem -> evaluation -> report
+files, and eval.py's recall / perplexity tasks on the same directories) is tested.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from deltamem_jax import demo
+from deltamem_jax.evaluation.defaults import eval_config
+from deltamem_jax.evaluation.run import evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("demo"))
+    results = demo.run(workdir, cfg=demo.DemoConfig.quick(), progress=False)
+    return workdir, results
+
+
+def test_demo_quick_end_to_end(demo_run):
+    workdir, results = demo_run
+    with open(os.path.join(workdir, "results.json")) as f:
+        saved = json.load(f)
+    for key in ("no_memory", "delta_mem", "full_context", "chance"):
+        assert 0.0 <= saved[key] <= 1.0, key
+    assert saved["memory_params"] > 0 and saved["backbone_params"] > saved["memory_params"]
+    assert saved["n_test"] == demo.DemoConfig.quick().n_test
+    for name in ("demo_table.md", "demo_table.json", "demo_table.png",
+                 "backbone/config.json", "memory/adapter/delta_mem_config.json"):
+        assert os.path.isfile(os.path.join(workdir, name)), name
+    table = demo.format_table(results)
+    assert "δ-mem (history only in memory)" in table and f"{saved['memory_params']:,}" in table
+    for split in ("train", "validation", "test"):       # chat-format jsonl, usable by train.py
+        with open(os.path.join(workdir, "data", f"{split}.jsonl")) as f:
+            rec = json.loads(f.readline())
+        assert rec["messages"][-1]["role"] == "assistant"
+
+
+def test_demo_rejects_incomplete_data_dir(tmp_path):
+    (tmp_path / "train.jsonl").write_text("")
+    with pytest.raises(FileNotFoundError, match="validation.jsonl"):
+        demo.run(str(tmp_path / "w"), data=str(tmp_path), cfg=demo.DemoConfig.quick())
+
+
+def _eval_cfg(workdir, task):
+    c = eval_config()
+    c.task = task
+    c.model.hf_dir = os.path.join(workdir, "backbone")
+    c.model.adapter = os.path.join(workdir, "memory", "adapter")
+    c.data.path = os.path.join(workdir, "data", "test.jsonl")
+    c.data.limit = 4
+    c.batch_size = 4
+    c.max_new_tokens = 4
+    c.max_write_length = 256
+    c.max_length = 64
+    return c
+
+
+def test_eval_recall_and_perplexity_on_demo_outputs(demo_run, tmp_path):
+    workdir, _ = demo_run
+    out = evaluate(_eval_cfg(workdir, "recall"), str(tmp_path / "recall"))
+    assert set(out["rows"]) == {"no_memory", "delta_mem", "full_context"}
+    for row in out["rows"].values():
+        assert 0.0 <= row["exact_match"] <= 1.0
+    for f in out["files"].values():
+        assert os.path.isfile(f)
+    out = evaluate(_eval_cfg(workdir, "perplexity"), str(tmp_path / "ppl"))
+    assert out["rows"] and all(os.path.isfile(f) for f in out["files"].values())
+
+
+def test_eval_config_errors(demo_run, tmp_path):
+    workdir, _ = demo_run
+    c = _eval_cfg(workdir, "recall")
+    c.task = "translate"
+    with pytest.raises(ValueError, match="config.task"):
+        evaluate(c, str(tmp_path))
+    c = _eval_cfg(workdir, "recall")
+    c.data.path = str(tmp_path / "missing.jsonl")
+    with pytest.raises(FileNotFoundError, match="config.data.path"):
+        evaluate(c, str(tmp_path))
+
+
+def test_eval_cli_rejects_unknown_field():
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"),
+                           f"--config={REPO}/configs/eval_recall.py", "--workdir=/tmp/x",
+                           "--config.no_such_field=1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "no_such_field" in proc.stderr
