@@ -339,7 +339,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
         machine["load_avg_1min_end"] = os.getloadavg()[0]
     except OSError:
         pass
-    table = format_scan_markdown(rows, machine, config)
+    emit_outputs(format_scan_markdown(rows, machine, config),
+                 {"machine": machine, "config": config, "rows": rows}, args)
+    return 0
+
+
+def emit_outputs(table: str, record: dict, args: argparse.Namespace) -> None:
+    """Print the markdown table; write it to ``--markdown`` and ``record`` to ``--json``."""
     print()
     print(table)
     if args.markdown:
@@ -347,9 +353,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
             f.write(table)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "config": config, "rows": rows}, f, indent=1,
-                      default=str)
-    return 0
+            json.dump(record, f, indent=1, default=str)
 
 
 # ---------------------------------------------------------------------------

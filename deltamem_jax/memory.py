@@ -206,7 +206,7 @@ class DeltaMemory(nnx.Module):
     def _project(self, x, with_writes: bool):
         """q (and k, v, β, λ) for rows ``x`` ``[B, S, d]`` (float32), split per state head."""
         c = self.config
-        H, r = c.num_state_heads, c.rank
+        H = c.num_state_heads
         mats = [self.memory_q_proj, self.beta_proj]
         if with_writes:
             mats += [self.memory_k_proj, self.memory_v_proj]

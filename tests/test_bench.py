@@ -44,3 +44,18 @@ def test_cli_parses_scan_options():
         ["scan", "--T", "128", "--methods", "sequential", "chunked", "--chunk-size", "8"])
     assert args.T == [128] and args.methods == ["sequential", "chunked"]
     assert args.chunk_size == [8] and "scan" in bench.SUBCOMMANDS
+
+
+def test_throughput_tiny(tmp_path):
+    from deltamem_jax import bench_throughput as bt
+    res = bt.run_throughput(["demo"], prefill_T=[32], histories=[64, 128], window=16,
+                            decode_tokens=2, repeats=1, log=lambda s: None)
+    assert [r["T"] for r in res["prefill"]] == [32] and len(res["decode"]) == 1
+    for r in res["prefill"] + res["decode"]:
+        assert r["base_tok_s"] > 0 and r["mem_tok_s"] > 0 and math.isfinite(r["overhead"])
+    assert [r["history"] for r in res["history"]] == [64, 128]
+    assert all(r["full_context_ms"] > 0 and r["memory_ms"] > 0 for r in res["history"])
+    table = bt.format_markdown(res, bench.machine_info())
+    assert "| demo | 32 |" in table and "| 128 |" in table
+    bt.plot(res, str(tmp_path / "h.png"))
+    assert (tmp_path / "h.png").stat().st_size > 1000

@@ -94,3 +94,20 @@ def test_eval_cli_rejects_unknown_field():
                            f"--config={REPO}/configs/eval_recall.py", "--workdir=/tmp/x",
                            "--config.no_such_field=1"], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "no_such_field" in proc.stderr
+
+
+def test_capacity_study_tiny(demo_run, tmp_path):
+    from deltamem_jax import capacity
+    workdir, _ = demo_run
+    res = capacity.run(os.path.join(workdir, "backbone"), str(tmp_path), ranks=(4,),
+                       writes=("message",), facts=(1, 3), steps=2, batch_size=4, n_train=32,
+                       n_test=4, max_write_length=256)
+    assert set(res["rows"]) == {"full context", "rank 4, message writes"}
+    for row in res["rows"].values():
+        assert set(row) == {"1", "3"} and all(0.0 <= v <= 1.0 for v in row.values())
+    md = (tmp_path / "capacity.md").read_text()
+    assert "| rank 4, message writes |" in md and "3 facts" in md
+    assert (tmp_path / "capacity.png").stat().st_size > 1000
+    with open(tmp_path / "r4_message" / "adapter" / "delta_mem_config.json") as f:
+        cfg = json.load(f)
+    assert cfg["rank"] == 4 and cfg["memory_write_granularity"] == "message"

@@ -32,7 +32,7 @@ def make_memory(seed=0, **overrides):
 def projections(mem: DeltaMemory, h):
     """q, k, v, β, λ computed by hand from the module's parameters (float64)."""
     c = mem.config
-    H, r = c.num_state_heads, c.rank
+    H = c.num_state_heads
     p = lambda name: np.asarray(getattr(mem, name)[...], np.float64)  # noqa: E731
     h = np.asarray(h, np.float64)
     split = lambda a: a.reshape(a.shape[:-1] + (H, a.shape[-1] // H))  # noqa: E731

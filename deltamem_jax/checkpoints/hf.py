@@ -49,8 +49,8 @@ def _same(x):
 def tensor_map(config: DecoderConfig) -> list[Tensor]:
     """Every backbone parameter of ``config`` with its HF name and layout transforms."""
     c = config
-    d, nh, nkv, hd, f = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
-                         c.head_dim, c.intermediate_size)
+    d, nh, nkv, hd = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+                      c.head_dim)
     out = [Tensor(("embed_tokens",), "model.embed_tokens.weight", _same, _same),
            Tensor(("norm", "weight"), "model.norm.weight", _same, _same)]
     if not c.tie_word_embeddings:

@@ -3,8 +3,8 @@
 Each conversation: the user states a few facts (one per message, each
 acknowledged briefly), a few turns of unrelated small talk follow, then the
 user asks about ONE fact and the final assistant message is exactly the
-answer. Answers are drawn uniformly from large pools (4-digit codes, ≥ 50
-names, ≥ 50 cities, …), so without the history a model is near chance
+answer. There are 18 kinds of fact; answers are drawn uniformly from large
+pools (digit codes, ≥ 50 names, ≥ 50 cities, 30 colours), so without the history a model is near chance
 (:func:`chance_accuracy`). Conversations stay a few hundred characters long.
 """
 
@@ -14,7 +14,7 @@ import collections
 import json
 import os
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -50,6 +50,15 @@ FACT_KINDS = {
     "born": ("I was born in {}.", "Where was I born?", lambda r: str(r.choice(_CITIES))),
     "trip": ("Next month I fly to {}.", "Where do I fly next month?", lambda r: str(r.choice(_CITIES))),
     "colour": ("My favourite colour is {}.", "What is my favourite colour?", lambda r: str(r.choice(_COLOURS))),
+    "dog": ("My dog is called {}.", "What is my dog called?", lambda r: str(r.choice(_NAMES))),
+    "brother": ("My brother's name is {}.", "What is my brother's name?", lambda r: str(r.choice(_NAMES))),
+    "boss": ("My boss is {}.", "Who is my boss?", lambda r: str(r.choice(_NAMES))),
+    "home": ("I live in {}.", "Where do I live?", lambda r: str(r.choice(_CITIES))),
+    "office": ("My office is in {}.", "Where is my office?", lambda r: str(r.choice(_CITIES))),
+    "car": ("My car is {}.", "What colour is my car?", lambda r: str(r.choice(_COLOURS))),
+    "flight": ("My flight number is {}.", "What is my flight number?", lambda r: str(r.integers(100, 1000))),
+    "desk": ("My desk number is {}.", "What is my desk number?", lambda r: str(r.integers(10, 100))),
+    "zip": ("My zip code is {}.", "What is my zip code?", lambda r: str(r.integers(10000, 100000))),
 }
 # The same facts restated as a reply ("sentence" answers): the reply's first words
 # follow from the question, the value must come from the history.
@@ -58,7 +67,11 @@ ANSWER_SENTENCES = {
     "room": "Your hotel room is number {}.", "pet": "Your cat is called {}.",
     "friend": "Your best friend is {}.", "sister": "Your sister's name is {}.",
     "born": "You were born in {}.", "trip": "Next month you fly to {}.",
-    "colour": "Your favourite colour is {}.",
+    "colour": "Your favourite colour is {}.", "dog": "Your dog is called {}.",
+    "brother": "Your brother's name is {}.", "boss": "Your boss is {}.",
+    "home": "You live in {}.", "office": "Your office is in {}.", "car": "Your car is {}.",
+    "flight": "Your flight number is {}.", "desk": "Your desk number is {}.",
+    "zip": "Your zip code is {}.",
 }
 
 _ACKS = ("Got it.", "Noted.", "Okay, noted.", "I'll remember.", "Thanks, noted.")
@@ -105,9 +118,9 @@ def generate_conversation(rng: np.random.Generator, config: SyntheticConfig = Sy
     n_filler = int(rng.integers(config.filler_turns[0], config.filler_turns[1] + 1))
     kinds = [str(k) for k in rng.choice(list(FACT_KINDS), size=n_facts, replace=False)]
     answers: dict[str, str] = {}
-    for k in kinds:  # distinct answers within a conversation
+    for k in kinds:  # no answer equals, or hides inside, another one of the conversation
         a = FACT_KINDS[k][2](rng)
-        while a in answers.values():
+        while any(a in b or b in a for b in answers.values()):
             a = FACT_KINDS[k][2](rng)
         answers[k] = a
     msgs = []
@@ -146,16 +159,25 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, config: SyntheticConfig 
     return paths
 
 
-def chance_accuracy(records: Iterable[dict], by_question: bool = True) -> float:
+def chance_accuracy(records: Iterable[dict], by_question: bool = True,
+                    fit: Optional[Iterable[dict]] = None) -> float:
     """Accuracy of always giving the most frequent final answer (per final
-    question if ``by_question``): what a model ignoring the history can reach."""
-    groups: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    total = 0
-    for r in records:
+    question if ``by_question``): what a model ignoring the history can reach.
+
+    With ``fit`` (e.g. the training split) the most frequent answers are taken
+    from ``fit`` and scored on ``records``, an unbiased estimate; without it they
+    are read off ``records`` themselves, which overstates chance when each
+    question has only a few records.
+    """
+    def key(r):
         msgs: Sequence[dict] = r["messages"]
-        question = msgs[-2]["content"] if by_question and len(msgs) >= 2 else ""
-        groups[question][msgs[-1]["content"]] += 1
-        total += 1
-    if total == 0:
+        return msgs[-2]["content"] if by_question and len(msgs) >= 2 else ""
+
+    records = list(records)
+    if not records:
         raise ValueError("chance_accuracy: no records")
-    return sum(c.most_common(1)[0][1] for c in groups.values()) / total
+    groups: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for r in (records if fit is None else fit):
+        groups[key(r)][r["messages"][-1]["content"]] += 1
+    best = {q: c.most_common(1)[0][0] for q, c in groups.items()}
+    return sum(best.get(key(r)) == r["messages"][-1]["content"] for r in records) / len(records)

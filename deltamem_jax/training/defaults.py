@@ -107,12 +107,12 @@ def demo_config() -> ml_collections.ConfigDict:
     c.data.tokenizer = "byte"
     c.data.max_length = 64
     c.data.max_write_length = 256
-    c.data.num_buckets = 1
+    c.data.num_buckets = 2
     c.data.p_state_only = 0.0
     c.memory.output_init = "zero"
-    c.optim.learning_rate = 3e-3
+    c.optim.learning_rate = 1e-2
     c.optim.warmup_ratio = 0.05
-    c.train.steps = 600
+    c.train.steps = 1200
     c.train.batch_size = 32
     c.train.sparsity_weight = 0.0
     c.train.log_every = 50

@@ -128,7 +128,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> d
             restored = ckpt.restore_latest(
                 abstract_train_state(s.plan, s.tx, c.train.seed, s.shardings))
         if restored is not None:
-            state, data_state, meta = restored
+            state, data_state, _ = restored
             loader.restore(data_state)
             log.info("resumed from step %d (%s)", int(state.step), ckpt.directory)
         else:
@@ -156,13 +156,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> d
                     f"{'none' if latest is None else f'step {latest}'} in {ckpt.directory}")
             step += 1
             metrics_log.log(step, metrics, tokens, {"batch_digest": batch_digest(rows)})
-            ckpt.save(step, state, loader.state(), {"step": step})
+            ckpt.save(step, state, loader.state(), {"step": step, **meta})
             if c.train.stop_after and step >= c.train.stop_after and step < c.train.steps:
                 log.info("stopping after step %d (train.stop_after)", step)
                 ckpt.close()
                 metrics_log.close()
                 return {"stopped_at": step}
-        ckpt.save(step, state, loader.state(), {"step": step}, force=True)
+        ckpt.save(step, state, loader.state(), {"step": step, **meta}, force=True)
         ckpt.close()
         summary = {"steps": step, "seconds": time.perf_counter() - start,
                    "final": metrics_log.last}
