@@ -7,6 +7,10 @@ compiled executable's memory analysis, FLOPs with loop bodies counted trip-count
 times, and serial depth (loop trip count). A case whose compiled program needs
 more memory than the budget is reported as ``n/a (reason)`` instead of run.
 
+``throughput`` (:mod:`deltamem_jax.bench_throughput`): prefill and decode, the
+backbone alone vs with δ-mem, and decode latency as the history grows.
+``load`` (:mod:`deltamem_jax.bench_load`): seconds per GB to load a checkpoint.
+
 New subcommands: write ``add_<name>_args(parser)`` and ``cmd_<name>(args) -> int``
 and register them in :data:`SUBCOMMANDS`.
 """
@@ -105,6 +109,32 @@ def time_call(fn: Callable, args: Sequence, repeats: int, max_seconds: float = 6
         times.append(time.perf_counter() - t0)
     return {"ms": 1e3 * statistics.median(times), "runs": n,
             "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times)}
+
+
+def time_pair(fn_a: Callable, args_a: Sequence, fn_b: Callable, args_b: Sequence,
+              repeats: int, max_seconds: float = 120.0) -> dict:
+    """Median times of two calls measured alternately, and the median of their ratios.
+
+    Alternating a, b, a, b, … exposes both to the same machine drift, so the
+    ratio ``b / a`` (an overhead) is far steadier than two separate medians.
+    """
+    for fn, args in ((fn_a, args_a), (fn_b, args_b)):
+        jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn_a(*args_a))
+    jax.block_until_ready(fn_b(*args_b))
+    warm = time.perf_counter() - t0
+    n = repeats
+    if warm * repeats > max_seconds:
+        n = max(min(3, repeats), int(max_seconds / max(warm, 1e-9)))
+    a_times, b_times = [], []
+    for _ in range(n):
+        for fn, args, times in ((fn_a, args_a, a_times), (fn_b, args_b, b_times)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - t0)
+    return {"a_ms": 1e3 * statistics.median(a_times), "b_ms": 1e3 * statistics.median(b_times),
+            "ratio": statistics.median(b / a for a, b in zip(a_times, b_times)), "runs": n}
 
 
 # ---------------------------------------------------------------------------
@@ -369,10 +399,21 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
     return bench_throughput.cmd(args)
 
 
+def _add_load_args(p: argparse.ArgumentParser) -> None:
+    from deltamem_jax import bench_load
+    bench_load.add_args(p)
+
+
+def _cmd_load(args: argparse.Namespace) -> int:
+    from deltamem_jax import bench_load
+    return bench_load.cmd(args)
+
+
 SUBCOMMANDS = {
     "scan": (add_scan_args, cmd_scan, "OSAM recurrence: time, memory, FLOPs, depth by method"),
     "throughput": (_add_throughput_args, _cmd_throughput,
                    "prefill/decode: backbone vs + δ-mem; decode latency vs history length"),
+    "load": (_add_load_args, _cmd_load, "seconds per GB to load a sharded HF checkpoint"),
 }
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deltamem_jax.bench import emit_outputs, machine_info, machine_line, time_call
+from deltamem_jax.bench import emit_outputs, machine_info, machine_line, time_call, time_pair
 from deltamem_jax.generation import SamplingConfig, _generate
 from deltamem_jax.memory_config import DeltaMemConfig
 from deltamem_jax.models.cache import KVCache
@@ -45,17 +45,17 @@ def build(name: str, memory: bool, seed: int = 0) -> DecoderLM:
     return model
 
 
-def prefill_time(model: DecoderLM, T: int, memory: bool, repeats: int) -> float:
+def prefill_call(model: DecoderLM, T: int, memory: bool) -> tuple:
+    """(fn, args) of one jit-compiled prefill of ``T`` random tokens."""
     graphdef, state = nnx.split(model)
     ids = jnp.asarray(np.random.default_rng(0).integers(3, model.config.vocab_size, (1, T)),
                       jnp.int32)
     fn = lambda s, i: apply(graphdef, s, i, write=True, use_memory=memory).logits  # noqa: E731
-    return time_call(fn, (state, ids), repeats)["ms"]
+    return fn, (state, ids)
 
 
-def decode_time(model: DecoderLM, history: int, memory: bool, tokens: int,
-                repeats: int) -> float:
-    """ms per generated token after a cache already holding ``history`` tokens."""
+def decode_call(model: DecoderLM, history: int, memory: bool, tokens: int) -> tuple:
+    """(fn, args) generating ``tokens`` + 1 tokens after a cache holding ``history``."""
     graphdef, state = nnx.split(model)
     c = model.config
     cache = KVCache.init(c, 1, history + tokens + 1)
@@ -74,7 +74,14 @@ def decode_time(model: DecoderLM, history: int, memory: bool, tokens: int,
         return _generate(graphdef, s, prompt, jnp.ones((1, 1), bool), mem, cache,
                          jax.random.key(0), sampling=sampling, eos=(), pad_id=0, write=True,
                          use_memory=memory).tokens
-    return time_call(run, (state, cache, state_mem), repeats)["ms"] / (tokens + 1)
+    return run, (state, cache, state_mem)
+
+
+def decode_time(model: DecoderLM, history: int, memory: bool, tokens: int,
+                repeats: int) -> float:
+    """ms per generated token after a cache already holding ``history`` tokens."""
+    fn, args = decode_call(model, history, memory, tokens)
+    return time_call(fn, args, repeats)["ms"] / (tokens + 1)
 
 
 def run_throughput(models: Sequence[str], prefill_T: Sequence[int], histories: Sequence[int],
@@ -82,15 +89,18 @@ def run_throughput(models: Sequence[str], prefill_T: Sequence[int], histories: S
     out = {"prefill": [], "decode": [], "history": []}
     for name in models:
         base, mem = build(name, False), build(name, True)
+        # backbone and backbone + δ-mem timed alternately (time_pair): ratios, not two runs
         for T in prefill_T:
-            b, m = prefill_time(base, T, False, repeats), prefill_time(mem, T, True, repeats)
-            out["prefill"].append({"model": name, "T": T, "base_tok_s": T / b * 1e3,
-                                   "mem_tok_s": T / m * 1e3, "overhead": m / b})
+            t = time_pair(*prefill_call(base, T, False), *prefill_call(mem, T, True), repeats)
+            out["prefill"].append({"model": name, "T": T, "base_tok_s": T / t["a_ms"] * 1e3,
+                                   "mem_tok_s": T / t["b_ms"] * 1e3, "overhead": t["ratio"]})
             log(f"prefill {name} T={T}: {out['prefill'][-1]}")
-        b = decode_time(base, window, False, decode_tokens, repeats)
-        m = decode_time(mem, window, True, decode_tokens, repeats)
-        out["decode"].append({"model": name, "context": window, "base_tok_s": 1e3 / b,
-                              "mem_tok_s": 1e3 / m, "overhead": m / b})
+        t = time_pair(*decode_call(base, window, False, decode_tokens),
+                      *decode_call(mem, window, True, decode_tokens), repeats)
+        per = decode_tokens + 1
+        out["decode"].append({"model": name, "context": window,
+                              "base_tok_s": 1e3 * per / t["a_ms"],
+                              "mem_tok_s": 1e3 * per / t["b_ms"], "overhead": t["ratio"]})
         log(f"decode {name}: {out['decode'][-1]}")
     name = models[-1]
     base, mem = build(name, False), build(name, True)

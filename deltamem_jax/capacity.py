@@ -2,9 +2,10 @@
 
 ``python -m deltamem_jax.capacity --backbone runs/demo/backbone --workdir runs/capacity``
 trains δ-mem on the frozen demo backbone once per (rank, write granularity) on
-synthetic chats holding 1 … ``max_facts`` facts, then scores exact match on test
-sets with exactly n facts for each n in ``--facts``. Writes ``capacity.json``,
-``capacity.md`` and ``capacity.png``. Short runs: the steps are in the table.
+synthetic chats holding ``--train-facts`` facts (default 1–4), then scores exact
+match on test sets with exactly n facts for each n in ``--facts``. The full-context
+row is the backbone's own in-context recall on the same tests. Writes
+``capacity.json``, ``capacity.md`` and ``capacity.png``.
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ from deltamem_jax.data.synthetic import SyntheticConfig, generate_split, write_s
 
 log = logging.getLogger("deltamem_jax.capacity")
 
+# Study names for the write modes -> ``memory_write_granularity`` values.
+WRITE_MODES = {"token": "token", "message": "message_mean"}
 
-def make_data(out: str, max_facts: int, facts: Sequence[int], n_train: int, n_test: int,
+
+def make_data(out: str, train_facts: tuple, facts: Sequence[int], n_train: int, n_test: int,
               seed: int) -> dict:
-    """Train/validation jsonl with 1..max_facts facts; one test list per fact count."""
+    """Train/validation jsonl with ``train_facts`` (lo, hi) facts; a test list per count."""
     write_synthetic_dataset(out, SyntheticConfig(
-        n_train=n_train, n_validation=n_test, n_test=n_test, facts=(1, max_facts),
+        n_train=n_train, n_validation=n_test, n_test=n_test, facts=tuple(train_facts),
         filler_turns=(0, 1), seed=seed, answer_style="sentence"))
     return {n: generate_split(n_test, "test", SyntheticConfig(
         facts=(n, n), filler_turns=(0, 1), seed=seed + 1000 + n, answer_style="sentence"))
@@ -46,7 +50,9 @@ def train_variant(backbone: str, data_dir: str, workdir: str, *, rank: int, writ
     c.data.max_write_length = max_write_length
     c.data.num_buckets = 2
     c.memory.rank = rank
-    c.memory.memory_write_granularity = write
+    if write not in WRITE_MODES:
+        raise ValueError(f"write mode {write!r} is not one of {sorted(WRITE_MODES)}")
+    c.memory.memory_write_granularity = WRITE_MODES[write]
     c.train.steps = steps
     c.train.batch_size = batch_size
     c.train.seed = seed
@@ -83,9 +89,11 @@ def score(backbone: str, adapter: str | None, tests: dict, *, setting: str,
 
 def format_markdown(res: dict) -> str:
     facts = res["facts"]
-    lines = [f"δ-mem exact match by number of facts written ({res['steps']} training steps of "
-             f"{res['batch_size']} episodes per variant, {res['n_test']} test conversations per "
-             f"count, {res['minutes']:.0f} min in all)", "",
+    lo, hi = res["train_facts"]
+    lines = [f"δ-mem exact match by number of facts written (each variant trained "
+             f"{res['steps']} steps × {res['batch_size']} episodes on chats with {lo}–{hi} "
+             f"facts; {res['n_test']} test conversations per count; {res['minutes']:.0f} min "
+             "in all)", "",
              "| variant | " + " | ".join(f"{n} facts" for n in facts) + " |",
              "|---|" + "---|" * len(facts)]
     for name, row in res["rows"].items():
@@ -115,13 +123,13 @@ def plot(res: dict, path: str) -> None:
 
 
 def run(backbone: str, workdir: str, *, ranks=(4, 8, 16), writes=("token", "message"),
-        facts=(1, 2, 4, 8, 16), steps: int = 300, batch_size: int = 16,
-        learning_rate: float = 1e-2, n_train: int = 4000, n_test: int = 64,
+        facts=(1, 2, 4, 8, 16), train_facts=(1, 4), steps: int = 1200, batch_size: int = 32,
+        learning_rate: float = 1e-2, n_train: int = 8000, n_test: int = 64,
         max_write_length: int = 704, seed: int = 0) -> dict:
     start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     data_dir = os.path.join(workdir, "data")
-    tests = make_data(data_dir, max(facts), facts, n_train, n_test, seed)
+    tests = make_data(data_dir, train_facts, facts, n_train, n_test, seed)
     rows = {}
     common = dict(max_write_length=max_write_length, batch_size=32)
     log.info("full context (the backbone's in-context upper bound)")
@@ -135,7 +143,8 @@ def run(backbone: str, workdir: str, *, ranks=(4, 8, 16), writes=("token", "mess
                                     learning_rate=learning_rate,
                                     max_write_length=max_write_length, seed=seed)
             rows[name] = score(backbone, adapter, tests, setting="delta_mem", **common)
-    res = {"facts": list(facts), "steps": steps, "batch_size": batch_size, "n_test": n_test,
+    res = {"facts": list(facts), "train_facts": list(train_facts), "steps": steps,
+           "batch_size": batch_size, "n_test": n_test,
            "minutes": (time.perf_counter() - start) / 60,
            "rows": {k: {str(n): v for n, v in r.items()} for k, r in rows.items()}}
     with open(os.path.join(workdir, "capacity.json"), "w") as f:
@@ -151,11 +160,12 @@ def main(argv=None) -> int:
     p.add_argument("--backbone", required=True, help="a frozen backbone dir (the demo's)")
     p.add_argument("--workdir", default="runs/capacity")
     p.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16])
-    p.add_argument("--writes", nargs="+", default=["token", "message"],
-                   choices=["token", "message"])
+    p.add_argument("--writes", nargs="+", default=list(WRITE_MODES), choices=list(WRITE_MODES))
     p.add_argument("--facts", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--train-facts", type=int, nargs=2, default=[1, 4], metavar=("LO", "HI"),
+                   help="facts per training conversation (inclusive range)")
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--n-test", type=int, default=64)
     args = p.parse_args(argv)
     if not os.path.isfile(os.path.join(args.backbone, "config.json")):
@@ -163,7 +173,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
     res = run(args.backbone, args.workdir, ranks=tuple(args.ranks), writes=tuple(args.writes),
-              facts=tuple(args.facts), steps=args.steps, batch_size=args.batch_size,
+              facts=tuple(args.facts), train_facts=tuple(args.train_facts), steps=args.steps,
+              batch_size=args.batch_size,
               n_test=args.n_test)
     print(format_markdown(res))
     return 0

@@ -231,7 +231,10 @@ class DeltaMemory(nnx.Module):
         if not self.config.normalize_qk:
             return x
         x = jnp.tanh(x)
-        return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _NORM_EPS)
+        # x / max(|x|, eps), written so the gradient stays finite at x = 0 (empty span
+        # slots project to exactly 0; jnp.linalg.norm's gradient there is NaN).
+        sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+        return x * jax.lax.rsqrt(jnp.maximum(sq, _NORM_EPS * _NORM_EPS))
 
     def _span_write(self, h, valid, state, message_ids, sentence_ids):
         cfg = self.config

@@ -46,6 +46,14 @@ def test_cli_parses_scan_options():
     assert args.chunk_size == [8] and "scan" in bench.SUBCOMMANDS
 
 
+def test_time_pair_reports_the_ratio_of_alternated_calls():
+    import time
+    sleeper = lambda sec: (lambda: time.sleep(sec))  # noqa: E731
+    t = bench.time_pair(sleeper(0.01), (), sleeper(0.03), (), repeats=5)
+    assert t["runs"] == 5 and t["a_ms"] >= 10 and t["b_ms"] >= 30
+    assert 1.8 < t["ratio"] < 4.5
+
+
 def test_throughput_tiny(tmp_path):
     from deltamem_jax import bench_throughput as bt
     res = bt.run_throughput(["demo"], prefill_T=[32], histories=[64, 128], window=16,
@@ -59,3 +67,13 @@ def test_throughput_tiny(tmp_path):
     assert "| demo | 32 |" in table and "| 128 |" in table
     bt.plot(res, str(tmp_path / "h.png"))
     assert (tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_load_tiny():
+    from deltamem_jax import bench_load
+    res = bench_load.run_load(hidden=64, layers=2, vocab=300, shard_mb=0, repeats=1,
+                              log=lambda s: None)
+    targets = [r["target"] for r in res["rows"]]
+    assert targets[:2] == ["float32", "bfloat16"] and len(targets) == 3   # + the 8-device mesh
+    assert all(r["shards"] > 1 and r["seconds"] > 0 and r["bytes"] > 0 for r in res["rows"])
+    assert "| bfloat16 |" in bench_load.format_markdown(res, bench.machine_info())

@@ -100,7 +100,7 @@ def test_capacity_study_tiny(demo_run, tmp_path):
     from deltamem_jax import capacity
     workdir, _ = demo_run
     res = capacity.run(os.path.join(workdir, "backbone"), str(tmp_path), ranks=(4,),
-                       writes=("message",), facts=(1, 3), steps=2, batch_size=4, n_train=32,
+                       writes=("message",), facts=(1, 3), steps=2, batch_size=8, n_train=32,
                        n_test=4, max_write_length=256)
     assert set(res["rows"]) == {"full context", "rank 4, message writes"}
     for row in res["rows"].values():
@@ -110,4 +110,4 @@ def test_capacity_study_tiny(demo_run, tmp_path):
     assert (tmp_path / "capacity.png").stat().st_size > 1000
     with open(tmp_path / "r4_message" / "adapter" / "delta_mem_config.json") as f:
         cfg = json.load(f)
-    assert cfg["rank"] == 4 and cfg["memory_write_granularity"] == "message"
+    assert cfg["rank"] == 4 and cfg["memory_write_granularity"] == "message_mean"

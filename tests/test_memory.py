@@ -161,6 +161,26 @@ def test_span_pass_reads_pre_pass_state_and_writes_span_means(granularity):
         np.testing.assert_allclose(out.state[b, 0], state[0], rtol=1e-5, atol=1e-5)
 
 
+def test_span_write_gradients_are_finite_with_empty_slots():
+    # Rows with fewer spans than slots leave slots whose mean is exactly 0; the
+    # normalised q/k of a zero vector must not poison the gradient with NaN.
+    mem = make_memory(7, memory_write_granularity="message_mean")
+    rng = np.random.default_rng(7)
+    h = jnp.asarray(rng.normal(size=(2, 6, D)), jnp.float32)
+    msg = jnp.asarray([[0, 0, 1, 1, -1, -1], [4, 4, 4, 4, 4, 4]], jnp.int32)
+    graphdef, params, rest = nnx.split(mem, MemoryParam, ...)
+
+    def loss(params, h):
+        m = nnx.merge(graphdef, params, rest)
+        out = m(h, state=jnp.zeros((2, 1, 8, 8)), write=True, message_ids=msg)
+        return jnp.sum(jnp.square(out.state))
+
+    grads = jax.grad(loss, argnums=(0, 1))(params, h)
+    leaves = jax.tree.leaves(grads)
+    assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    assert float(jnp.abs(grads[1]).max()) > 0
+
+
 def test_span_modes_need_usable_ids():
     mem = make_memory(6, memory_write_granularity="sentence_mean")
     h = jnp.ones((1, 4, D))
