@@ -2,7 +2,7 @@
 
 ``python -m deltamem_jax.capacity --backbone runs/demo/backbone --workdir runs/capacity``
 trains δ-mem on the frozen demo backbone once per (rank, write granularity) on
-synthetic chats holding ``--train-facts`` facts (default 1–4), then scores exact
+synthetic chats holding ``--train-facts`` facts (default 1–2, the demo's), then scores exact
 match on test sets with exactly n facts for each n in ``--facts``. The full-context
 row is the backbone's own in-context recall on the same tests. Writes
 ``capacity.json``, ``capacity.md`` and ``capacity.png``.
@@ -123,7 +123,7 @@ def plot(res: dict, path: str) -> None:
 
 
 def run(backbone: str, workdir: str, *, ranks=(4, 8, 16), writes=("token", "message"),
-        facts=(1, 2, 4, 8, 16), train_facts=(1, 4), steps: int = 1200, batch_size: int = 32,
+        facts=(1, 2, 3, 4, 8, 16), train_facts=(1, 2), steps: int = 1200, batch_size: int = 32,
         learning_rate: float = 1e-2, n_train: int = 8000, n_test: int = 64,
         max_write_length: int = 704, seed: int = 0) -> dict:
     start = time.perf_counter()
@@ -161,8 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="runs/capacity")
     p.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--writes", nargs="+", default=list(WRITE_MODES), choices=list(WRITE_MODES))
-    p.add_argument("--facts", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--train-facts", type=int, nargs=2, default=[1, 4], metavar=("LO", "HI"),
+    p.add_argument("--facts", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16])
+    p.add_argument("--train-facts", type=int, nargs=2, default=[1, 2], metavar=("LO", "HI"),
                    help="facts per training conversation (inclusive range)")
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch-size", type=int, default=32)
