@@ -102,5 +102,3 @@ def cmd(args: argparse.Namespace) -> int:
                    log=lambda s: print(s, flush=True))
     emit_outputs(format_markdown(res, machine), {"machine": machine, **res}, args)
     return 0
-
-

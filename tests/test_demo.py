@@ -111,3 +111,10 @@ def test_capacity_study_tiny(demo_run, tmp_path):
     with open(tmp_path / "r4_message" / "adapter" / "delta_mem_config.json") as f:
         cfg = json.load(f)
     assert cfg["rank"] == 4 and cfg["memory_write_granularity"] == "message_mean"
+
+
+def test_capacity_rejects_unknown_write_mode_before_work(tmp_path):
+    from deltamem_jax import capacity
+    with pytest.raises(ValueError, match="'sentence' is not one of"):
+        capacity.run(str(tmp_path / "no_backbone"), str(tmp_path / "out"), writes=("sentence",))
+    assert not (tmp_path / "out").exists()
