@@ -1,6 +1,6 @@
 """The CPU demo's δ-mem stage on an existing tiny backbone (the demo builds one first).
 
-``python -m deltamem_jax.demo`` runs the whole story (data, backbone pre-training,
+``python -m deltamem_jax.tools.demo`` runs the whole story (data, backbone pre-training,
 this stage, evaluation). This file alone trains δ-mem on a backbone it made:
 
     python train.py --config=configs/demo_cpu.py --workdir=runs/demo/memory \\

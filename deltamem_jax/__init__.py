@@ -13,11 +13,11 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "osam_scan": "deltamem_jax.osam", "osam_read": "deltamem_jax.osam",
-    "update_gates": "deltamem_jax.osam",
-    "DeltaMemConfig": "deltamem_jax.memory_config",
-    "DeltaMemory": "deltamem_jax.memory", "MemoryOutput": "deltamem_jax.memory",
-    "MemoryParam": "deltamem_jax.memory",
+    "osam_scan": "deltamem_jax.memory.osam", "osam_read": "deltamem_jax.memory.osam",
+    "update_gates": "deltamem_jax.memory.osam",
+    "DeltaMemConfig": "deltamem_jax.memory.config",
+    "DeltaMemory": "deltamem_jax.memory.layer", "MemoryOutput": "deltamem_jax.memory.layer",
+    "MemoryParam": "deltamem_jax.memory.layer",
     "DecoderConfig": "deltamem_jax.models.config",
     "DecoderLM": "deltamem_jax.models.decoder", "DecoderOutput": "deltamem_jax.models.decoder",
     "KVCache": "deltamem_jax.models.cache",
@@ -26,8 +26,8 @@ _EXPORTS = {
     "load_adapter": "deltamem_jax.checkpoints.adapters",
     "save_adapter": "deltamem_jax.checkpoints.adapters",
     "read_adapter_config": "deltamem_jax.checkpoints.adapters",
-    "SamplingConfig": "deltamem_jax.generation", "generate": "deltamem_jax.generation",
-    "Session": "deltamem_jax.session",
+    "SamplingConfig": "deltamem_jax.inference.generation", "generate": "deltamem_jax.inference.generation",
+    "Session": "deltamem_jax.inference.session",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from deltamem_jax import demo
+from deltamem_jax.tools import demo
 from deltamem_jax.evaluation.defaults import eval_config
 from deltamem_jax.evaluation.run import evaluate
 
@@ -97,7 +97,7 @@ def test_eval_cli_rejects_unknown_field():
 
 
 def test_capacity_study_tiny(demo_run, tmp_path):
-    from deltamem_jax import capacity
+    from deltamem_jax.tools import capacity
     workdir, _ = demo_run
     res = capacity.run(os.path.join(workdir, "backbone"), str(tmp_path), ranks=(4,),
                        writes=("message",), facts=(1, 3), steps=2, batch_size=8, n_train=32,
@@ -114,7 +114,7 @@ def test_capacity_study_tiny(demo_run, tmp_path):
 
 
 def test_capacity_rejects_unknown_write_mode_before_work(tmp_path):
-    from deltamem_jax import capacity
+    from deltamem_jax.tools import capacity
     with pytest.raises(ValueError, match="'sentence' is not one of"):
         capacity.run(str(tmp_path / "no_backbone"), str(tmp_path / "out"), writes=("sentence",))
     assert not (tmp_path / "out").exists()

@@ -19,8 +19,8 @@ from deltamem_jax.evaluation import locomo as L
 from deltamem_jax.evaluation import locomo_eval, perplexity, prompts, recall
 from deltamem_jax.evaluation.report import write_report
 from deltamem_jax.evaluation.scoring import exact_match, token_f1
-from deltamem_jax.losses import causal_lm_loss
-from deltamem_jax.memory_config import DeltaMemConfig
+from deltamem_jax.training.losses import causal_lm_loss
+from deltamem_jax.memory.config import DeltaMemConfig
 from deltamem_jax.models.config import DecoderConfig
 from deltamem_jax.models.decoder import DecoderLM
 from deltamem_jax.models.functional import Runner

@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from deltamem_jax import DeltaMemConfig
-from deltamem_jax.generation import SamplingConfig, generate
+from deltamem_jax.inference.generation import SamplingConfig, generate
 from deltamem_jax.models.config import DecoderConfig
 from deltamem_jax.models.decoder import DecoderLM
 

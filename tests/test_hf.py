@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from deltamem_jax import DeltaMemConfig, load_hf_model, save_hf_model
-from deltamem_jax.generation import SamplingConfig, generate
+from deltamem_jax.inference.generation import SamplingConfig, generate
 from deltamem_jax.models.config import DecoderConfig
 
 COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from deltamem_jax import DeltaMemConfig, DeltaMemory, MemoryParam
-from deltamem_jax.memory import base_slice_matrix
+from deltamem_jax.memory.layer import base_slice_matrix
 from reference import recurrence
 
 D = 16

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deltamem_jax import osam
-from deltamem_jax.hlo_stats import compiled_stats
+from deltamem_jax.memory import osam
+from deltamem_jax.tools.bench.hlo_stats import compiled_stats
 from reference import recurrence
 
 METHODS = ("sequential", "associative", "chunked")

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from deltamem_jax import parity
+from deltamem_jax.tools import parity
 
 from conftest import FIXTURES
 

@@ -10,11 +10,11 @@ import pytest
 from flax import nnx
 
 from deltamem_jax import DecoderConfig, DecoderLM, DeltaMemConfig, Runner, SamplingConfig
-from deltamem_jax.chat import ChatApp, main
+from deltamem_jax.tools.chat import ChatApp, main
 from deltamem_jax.checkpoints.adapters import load_adapter, save_adapter
 from deltamem_jax.checkpoints.hf import load_hf_model, save_hf_model
 from deltamem_jax.data.tokenizer import ByteTokenizer, save_byte_tokenizer_marker
-from deltamem_jax.session import Session, SnapshotError
+from deltamem_jax.inference.session import Session, SnapshotError
 
 CONFIG = DecoderConfig(model_type="qwen3", vocab_size=264, hidden_size=32, intermediate_size=64,
                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,

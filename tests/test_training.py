@@ -16,7 +16,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from deltamem_jax.data.synthetic import SyntheticConfig, write_synthetic_dataset
-from deltamem_jax.sharding import logical_rules
+from deltamem_jax.utils.sharding import logical_rules
 from deltamem_jax.training import loop, settings
 from deltamem_jax.training.state import (abstract_train_state, init_params, init_train_state,
                                          load_frozen)
@@ -251,5 +251,5 @@ def test_optimizer_wrt_memory_only(data):
     s = loop.setup(config)
     n_mem = sum(x.size for x in jax.tree.leaves(s.plan.abstract_params))
     full = s.plan.merge(s.plan.abstract_params, s.plan.abstract_frozen)
-    from deltamem_jax.memory import MemoryParam
+    from deltamem_jax.memory.layer import MemoryParam
     assert n_mem == sum(x.size for x in jax.tree.leaves(nnx.state(full, MemoryParam)))

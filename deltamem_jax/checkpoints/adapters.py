@@ -21,8 +21,8 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from deltamem_jax.memory import DeltaMemory, MemoryParam
-from deltamem_jax.memory_config import DELTA_HEADS, DeltaMemConfig
+from deltamem_jax.memory.layer import DeltaMemory, MemoryParam
+from deltamem_jax.memory.config import DELTA_HEADS, DeltaMemConfig
 from deltamem_jax.models.decoder import DecoderLM
 
 CONFIG_FILE = "delta_mem_config.json"

@@ -23,10 +23,10 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from deltamem_jax.memory_config import DeltaMemConfig
+from deltamem_jax.memory.config import DeltaMemConfig
 from deltamem_jax.models.config import DecoderConfig
 from deltamem_jax.models.decoder import DecoderLM
-from deltamem_jax.sharding import Rules, state_shardings
+from deltamem_jax.utils.sharding import Rules, state_shardings
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def _np_dtype(dtype):
 
 def backbone_tensors(model: DecoderLM) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, array in HF layout) for every backbone parameter."""
-    from deltamem_jax.memory import MemoryParam
+    from deltamem_jax.memory.layer import MemoryParam
     state = dict(nnx.to_flat_state(nnx.state(model, nnx.All(nnx.Param, nnx.Not(MemoryParam)))))
     for t in tensor_map(model.config):
         value = np.asarray(jax.device_get(state[state_path(t, model.config)].get_value()))

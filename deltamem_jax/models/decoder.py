@@ -20,13 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deltamem_jax.memory import DeltaMemory
-from deltamem_jax.memory_config import DeltaMemConfig
+from deltamem_jax.memory.layer import DeltaMemory
+from deltamem_jax.memory.config import DeltaMemConfig
 from deltamem_jax.models.cache import KVCache
 from deltamem_jax.models.config import DecoderConfig
 from deltamem_jax.models.layers import DecoderLayer, RMSNorm, weight
 from deltamem_jax.models.rope import inverse_frequencies
-from deltamem_jax.sharding import LOGICAL_AXES, constrain
+from deltamem_jax.utils.sharding import LOGICAL_AXES, constrain
 
 
 class DecoderOutput(NamedTuple):

@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deltamem_jax.memory import DeltaMemory, MemoryOutput
+from deltamem_jax.memory.layer import DeltaMemory, MemoryOutput
 from deltamem_jax.models.config import DecoderConfig
 from deltamem_jax.models.rope import apply_rope
-from deltamem_jax.sharding import LOGICAL_AXES, constrain
+from deltamem_jax.utils.sharding import LOGICAL_AXES, constrain
 
 _NEG_INF = -1e30
 

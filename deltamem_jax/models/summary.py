@@ -8,8 +8,8 @@ from typing import Optional
 import jax
 from flax import nnx
 
-from deltamem_jax.memory import MemoryParam
-from deltamem_jax.memory_config import DeltaMemConfig
+from deltamem_jax.memory.layer import MemoryParam
+from deltamem_jax.memory.config import DeltaMemConfig
 from deltamem_jax.models.config import DecoderConfig
 from deltamem_jax.models.decoder import DecoderLM
 

@@ -23,7 +23,7 @@ from deltamem_jax.checkpoints.adapters import save_adapter
 from deltamem_jax.data import EpisodeLoader, EpisodeSet, geometric_buckets, load_records
 from deltamem_jax.data.tokenizer import load_tokenizer
 from deltamem_jax.models.summary import format_counts, parameter_counts
-from deltamem_jax.sharding import logical_rules
+from deltamem_jax.utils.sharding import logical_rules
 from deltamem_jax.training import settings
 from deltamem_jax.training.checkpointing import Checkpointer
 from deltamem_jax.training.mesh import (batch_axes_size, batch_sharding, build_mesh,

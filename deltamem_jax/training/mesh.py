@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from deltamem_jax.sharding import Rules, logical_spec
+from deltamem_jax.utils.sharding import Rules, logical_spec
 
 log = logging.getLogger(__name__)
 

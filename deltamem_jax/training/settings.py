@@ -13,7 +13,7 @@ from typing import Any
 import ml_collections
 
 from deltamem_jax.data.episodes import EpisodeConfig
-from deltamem_jax.memory_config import DeltaMemConfig
+from deltamem_jax.memory.config import DeltaMemConfig
 from deltamem_jax.models.config import DecoderConfig
 from deltamem_jax.models.presets import PRESETS, preset
 

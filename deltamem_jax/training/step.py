@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from deltamem_jax.losses import IGNORE_INDEX
-from deltamem_jax.memory_config import DeltaMemConfig
+from deltamem_jax.training.losses import IGNORE_INDEX
+from deltamem_jax.memory.config import DeltaMemConfig
 from deltamem_jax.training.state import TrainState
 
 MODEL_KEYS = ("write_ids", "write_mask", "write_message_ids", "write_sentence_ids",

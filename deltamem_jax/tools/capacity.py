@@ -1,6 +1,6 @@
 """Capacity study: δ-mem recall vs the number of facts written, by rank and write mode.
 
-``python -m deltamem_jax.capacity --backbone runs/demo/backbone --workdir runs/capacity``
+``python -m deltamem_jax.tools.capacity --backbone runs/demo/backbone --workdir runs/capacity``
 trains δ-mem on the frozen demo backbone once per (rank, write granularity) on
 synthetic chats holding ``--train-facts`` facts (default 1–2, the demo's), then scores exact
 match on test sets with exactly n facts for each n in ``--facts``. The full-context
@@ -20,7 +20,7 @@ from typing import Sequence
 
 from deltamem_jax.data.synthetic import SyntheticConfig, generate_split, write_synthetic_dataset
 
-log = logging.getLogger("deltamem_jax.capacity")
+log = logging.getLogger("deltamem_jax.tools.capacity")
 
 # Study names for the write modes -> ``memory_write_granularity`` values.
 WRITE_MODES = {"token": "token", "message": "message_mean"}

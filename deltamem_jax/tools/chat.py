@@ -1,6 +1,6 @@
 """A small terminal chat with a δ-mem session.
 
-    python -m deltamem_jax.chat --model DIR [--adapter DIR] [--window N]
+    python -m deltamem_jax.tools.chat --model DIR [--adapter DIR] [--window N]
         [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
 
 Type a message to get a reply (both are written into the memory). Commands:
@@ -15,8 +15,8 @@ import argparse
 import sys
 from typing import Optional, Sequence, TextIO
 
-from deltamem_jax.generation import SamplingConfig
-from deltamem_jax.session import Session, SnapshotError
+from deltamem_jax.inference.generation import SamplingConfig
+from deltamem_jax.inference.session import Session, SnapshotError
 
 HELP = """commands:
   /save DIR   snapshot the session (memory state, cache window, messages) to DIR
@@ -93,7 +93,7 @@ class ChatApp:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m deltamem_jax.chat",
+    p = argparse.ArgumentParser(prog="python -m deltamem_jax.tools.chat",
                                 description="Chat with a frozen LM + δ-mem adapter.")
     p.add_argument("--model", required=True, help="local HF model directory (config + weights "
                    "+ tokenizer, or a deltamem_tokenizer.json marker)")

@@ -1,6 +1,6 @@
 """Check this implementation against reference outputs of the authors' δ-mem release.
 
-``python -m deltamem_jax.parity FIXTURE_DIR [--case NAME ...]`` reads
+``python -m deltamem_jax.tools.parity FIXTURE_DIR [--case NAME ...]`` reads
 ``FIXTURE_DIR/cases/index.json``, runs each case's protocol (dispatching on its
 ``kind``, never its name) on the backbone and adapter directories it names,
 compares every array with the case's tolerances, prints one line per case and
@@ -24,8 +24,8 @@ from flax import nnx
 
 from deltamem_jax.checkpoints.adapters import load_adapter
 from deltamem_jax.checkpoints.hf import load_hf_model
-from deltamem_jax.losses import causal_lm_loss
-from deltamem_jax.memory import MemoryParam
+from deltamem_jax.training.losses import causal_lm_loss
+from deltamem_jax.memory.layer import MemoryParam
 from deltamem_jax.models.cache import KVCache
 from deltamem_jax.models.decoder import DecoderLM
 from deltamem_jax.models.functional import Runner

@@ -1,28 +1,16 @@
-"""Benchmarks: ``python -m deltamem_jax.bench <subcommand> [options]``.
-
-``scan``: the OSAM recurrence (:func:`deltamem_jax.osam.osam_scan`) by method and
+"""``bench scan``: the OSAM recurrence (:func:`deltamem_jax.memory.osam.osam_scan`) by method and
 sequence length: forward and forward+backward wall time (jit-compiled, warmed up,
 median of several runs), the ratio to ``sequential``, peak memory from the
 compiled executable's memory analysis, FLOPs with loop bodies counted trip-count
 times, and serial depth (loop trip count). A case whose compiled program needs
 more memory than the budget is reported as ``n/a (reason)`` instead of run.
-
-``throughput`` (:mod:`deltamem_jax.bench_throughput`): prefill and decode, the
-backbone alone vs with δ-mem, and decode latency as the history grows.
-``load`` (:mod:`deltamem_jax.bench_load`): seconds per GB to load a checkpoint.
-
-New subcommands: write ``add_<name>_args(parser)`` and ``cmd_<name>(args) -> int``
-and register them in :data:`SUBCOMMANDS`.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
 import os
-import statistics
 import time
 from typing import Callable, Optional, Sequence
 
@@ -30,111 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deltamem_jax import osam
-from deltamem_jax.hlo_stats import compiled_stats
+from deltamem_jax.memory import osam
+from deltamem_jax.tools.bench.common import emit_outputs, machine_info, machine_line, time_call
+from deltamem_jax.tools.bench.hlo_stats import compiled_stats
 
 SCAN_METHODS = ("auto", "sequential", "associative", "chunked")
 DEFAULT_T = (1024, 4096, 16384, 65536)
 DEFAULT_CHUNK_SIZES = (16, 64)
 _MB = 2 ** 20
-
-
-# ---------------------------------------------------------------------------
-# Machine description
-
-
-def _proc_field(path: str, key: str) -> Optional[str]:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def machine_info() -> dict:
-    """CPU model, cores, memory, load, JAX version and backend, date (UTC)."""
-    mem_total = _proc_field("/proc/meminfo", "MemTotal")
-    mem_avail = _proc_field("/proc/meminfo", "MemAvailable")
-    kib = lambda s: int(s.split()[0]) * 1024 if s else None  # noqa: E731
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = None
-    return {
-        "cpu": _proc_field("/proc/cpuinfo", "model name") or "unknown CPU",
-        "cores": os.cpu_count(),
-        "mem_total_bytes": kib(mem_total),
-        "mem_available_bytes": kib(mem_avail),
-        "load_avg_1min": load,
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-
-
-def machine_line(m: dict) -> str:
-    mem = (f", {m['mem_total_bytes'] / 2**30:.0f} GiB RAM" if m.get("mem_total_bytes") else "")
-    load = (f", load avg {m['load_avg_1min']:.1f} at start"
-            if m.get("load_avg_1min") is not None else "")
-    if m.get("load_avg_1min_end") is not None:
-        load += f", {m['load_avg_1min_end']:.1f} at end"
-    return (f"Machine: {m['cpu']}, {m['cores']} cores{mem}; jax {m['jax']} "
-            f"({m['backend']}); {m['date']}{load}")
-
-
-# ---------------------------------------------------------------------------
-# Timing
-
-
-def time_call(fn: Callable, args: Sequence, repeats: int, max_seconds: float = 60.0) -> dict:
-    """Median wall time of ``fn(*args)`` (blocking) after two warm-up calls.
-
-    Runs ``repeats`` times, fewer (but at least 3, or 1 if ``repeats`` is 1) when
-    one call is so slow that ``repeats`` of them would exceed ``max_seconds``.
-    """
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    warm = time.perf_counter() - t0
-    n = repeats
-    if warm * repeats > max_seconds:
-        n = max(min(3, repeats), int(max_seconds / max(warm, 1e-9)))
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return {"ms": 1e3 * statistics.median(times), "runs": n,
-            "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times)}
-
-
-def time_pair(fn_a: Callable, args_a: Sequence, fn_b: Callable, args_b: Sequence,
-              repeats: int, max_seconds: float = 120.0) -> dict:
-    """Median times of two calls measured alternately, and the median of their ratios.
-
-    Alternating a, b, a, b, … exposes both to the same machine drift, so the
-    ratio ``b / a`` (an overhead) is far steadier than two separate medians.
-    """
-    for fn, args in ((fn_a, args_a), (fn_b, args_b)):
-        jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn_a(*args_a))
-    jax.block_until_ready(fn_b(*args_b))
-    warm = time.perf_counter() - t0
-    n = repeats
-    if warm * repeats > max_seconds:
-        n = max(min(3, repeats), int(max_seconds / max(warm, 1e-9)))
-    a_times, b_times = [], []
-    for _ in range(n):
-        for fn, args, times in ((fn_a, args_a, a_times), (fn_b, args_b, b_times)):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append(time.perf_counter() - t0)
-    return {"a_ms": 1e3 * statistics.median(a_times), "b_ms": 1e3 * statistics.median(b_times),
-            "ratio": statistics.median(b / a for a, b in zip(a_times, b_times)), "runs": n}
 
 
 # ---------------------------------------------------------------------------
@@ -334,7 +225,7 @@ def format_scan_markdown(rows: list, machine: dict, config: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def add_scan_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--T", type=int, nargs="+", default=list(DEFAULT_T),
                    help="sequence lengths (default: %(default)s)")
     p.add_argument("--batch", type=int, default=8, help="batch×heads (default: 8)")
@@ -353,14 +244,14 @@ def add_scan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--markdown", help="write the table here")
 
 
-def cmd_scan(args: argparse.Namespace) -> int:
+def cmd(args: argparse.Namespace) -> int:
     machine = machine_info()
     budget = (args.mem_budget_gb * 2 ** 30 if args.mem_budget_gb
               else default_mem_budget())
     config = {"T": args.T, "batch": args.batch, "rank": args.rank, "repeats": args.repeats,
               "methods": args.methods, "chunk_sizes": args.chunk_size,
               "mem_budget_bytes": budget, "max_seconds": args.max_seconds,
-              "sequential_unroll": osam._SEQUENTIAL_UNROLL}
+              "sequential_unroll": osam.SEQUENTIAL_UNROLL}
     print(machine_line(machine), flush=True)
     rows = run_scan(args.T, args.batch, args.rank, args.methods, args.chunk_size,
                     args.repeats, budget, args.max_seconds,
@@ -372,64 +263,3 @@ def cmd_scan(args: argparse.Namespace) -> int:
     emit_outputs(format_scan_markdown(rows, machine, config),
                  {"machine": machine, "config": config, "rows": rows}, args)
     return 0
-
-
-def emit_outputs(table: str, record: dict, args: argparse.Namespace) -> None:
-    """Print the markdown table; write it to ``--markdown`` and ``record`` to ``--json``."""
-    print()
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1, default=str)
-
-
-# ---------------------------------------------------------------------------
-# CLI
-
-def _add_throughput_args(p: argparse.ArgumentParser) -> None:
-    from deltamem_jax import bench_throughput
-    bench_throughput.add_args(p)
-
-
-def _cmd_throughput(args: argparse.Namespace) -> int:
-    from deltamem_jax import bench_throughput
-    return bench_throughput.cmd(args)
-
-
-def _add_load_args(p: argparse.ArgumentParser) -> None:
-    from deltamem_jax import bench_load
-    bench_load.add_args(p)
-
-
-def _cmd_load(args: argparse.Namespace) -> int:
-    from deltamem_jax import bench_load
-    return bench_load.cmd(args)
-
-
-SUBCOMMANDS = {
-    "scan": (add_scan_args, cmd_scan, "OSAM recurrence: time, memory, FLOPs, depth by method"),
-    "throughput": (_add_throughput_args, _cmd_throughput,
-                   "prefill/decode: backbone vs + δ-mem; decode latency vs history length"),
-    "load": (_add_load_args, _cmd_load, "seconds per GB to load a sharded HF checkpoint"),
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m deltamem_jax.bench",
-                                     description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (add_args, _, help_text) in SUBCOMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text))
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    return SUBCOMMANDS[args.command][1](args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,7 +1,7 @@
 """Throughput: the backbone alone vs the backbone + δ-mem (same weights), and decode
 latency as the conversation grows (history in the KV cache vs history in memory).
 
-``python -m deltamem_jax.bench throughput`` prints markdown tables and writes a
+``python -m deltamem_jax.tools.bench throughput`` prints markdown tables and writes a
 plot. Everything is jit-compiled and warmed up; times are medians of repeats.
 """
 
@@ -15,13 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deltamem_jax.bench import emit_outputs, machine_info, machine_line, time_call, time_pair
-from deltamem_jax.generation import SamplingConfig, _generate
-from deltamem_jax.memory_config import DeltaMemConfig
+from deltamem_jax.tools.bench.common import emit_outputs, machine_info, machine_line, time_call, time_pair
+from deltamem_jax.inference.generation import SamplingConfig, generate
+from deltamem_jax.memory.config import DeltaMemConfig
 from deltamem_jax.models.cache import KVCache
 from deltamem_jax.models.config import DecoderConfig
 from deltamem_jax.models.decoder import DecoderLM
-from deltamem_jax.models.functional import apply
+from deltamem_jax.models.functional import Runner, apply
 
 MODELS = {
     # the demo's backbone shape, and a GPT-2-small-sized one
@@ -56,7 +56,7 @@ def prefill_call(model: DecoderLM, T: int, memory: bool) -> tuple:
 
 def decode_call(model: DecoderLM, history: int, memory: bool, tokens: int) -> tuple:
     """(fn, args) generating ``tokens`` + 1 tokens after a cache holding ``history``."""
-    graphdef, state = nnx.split(model)
+    runner = Runner(model)
     c = model.config
     cache = KVCache.init(c, 1, history + tokens + 1)
     rng = np.random.default_rng(1)
@@ -70,11 +70,11 @@ def decode_call(model: DecoderLM, history: int, memory: bool, tokens: int) -> tu
     prompt = jnp.full((1, 1), 7, jnp.int32)
     sampling = SamplingConfig(max_new_tokens=tokens)
 
-    def run(s, cache, mem):
-        return _generate(graphdef, s, prompt, jnp.ones((1, 1), bool), mem, cache,
-                         jax.random.key(0), sampling=sampling, eos=(), pad_id=0, write=True,
-                         use_memory=memory).tokens
-    return run, (state, cache, state_mem)
+    def run(cache, mem):
+        return generate(runner, prompt, memory_state=mem, cache=cache, sampling=sampling,
+                        rng=jax.random.key(0), eos_ids=(), pad_id=0, write=True,
+                        use_memory=memory).tokens
+    return run, (cache, state_mem)
 
 
 def decode_time(model: DecoderLM, history: int, memory: bool, tokens: int,

@@ -1,5 +1,8 @@
 """δ-mem settings: one frozen dataclass whose field names match the authors' config.
 
+No JAX here: the names of methods and modes are plain data, so configs and
+tools can validate settings without importing the numerical code.
+
 Field names follow the authors' ``delta_mem_config.json`` so that their adapters
 map one to one; fields of theirs that we do not model are listed in
 :data:`ARCHIVED_FIELDS` (they must keep their defaults, as in the authors'
@@ -11,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
-from deltamem_jax.osam import METHODS, UPDATE_MODES
 
+# The recurrence's update modes (SPEC §1) and how it may be computed (memory/osam.py).
+UPDATE_MODES = ("standard", "lambda_outside", "no_lambda")
+METHODS = ("auto", "sequential", "associative", "chunked")
 DELTA_HEADS = ("q", "k", "v", "o")
 WRITE_GRANULARITIES = ("token", "message_mean", "sentence_mean")
 OUTPUT_INITS = ("zero", "random", "base_slice", "base_slice_fixed")

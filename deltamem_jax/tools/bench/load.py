@@ -1,6 +1,6 @@
 """Checkpoint loading speed: seconds per GB to read a sharded HF checkpoint.
 
-``python -m deltamem_jax.bench load`` writes a random Llama-style checkpoint
+``python -m deltamem_jax.tools.bench load`` writes a random Llama-style checkpoint
 (``model.safetensors.index.json`` plus several ``*.safetensors`` shards) to a
 temporary directory, then times :func:`deltamem_jax.load_hf_model` into float32
 and bfloat16 parameters, and onto a mesh of every local device when there are
@@ -19,7 +19,7 @@ import time
 import jax
 from flax import nnx
 
-from deltamem_jax.bench import emit_outputs, machine_info, machine_line
+from deltamem_jax.tools.bench.common import emit_outputs, machine_info, machine_line
 from deltamem_jax.checkpoints.hf import load_hf_model, save_hf_model
 from deltamem_jax.models.config import DecoderConfig
 from deltamem_jax.models.decoder import DecoderLM

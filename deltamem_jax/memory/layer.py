@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deltamem_jax.memory_config import DELTA_HEADS, DeltaMemConfig
-from deltamem_jax.osam import osam_read, osam_scan
-from deltamem_jax.sharding import LOGICAL_AXES
+from deltamem_jax.memory.config import DELTA_HEADS, DeltaMemConfig
+from deltamem_jax.memory.osam import osam_read, osam_scan
+from deltamem_jax.utils.sharding import LOGICAL_AXES
 
 __all__ = ["DeltaMemory", "MemoryOutput", "MemoryParam", "span_means", "base_slice_matrix"]
 

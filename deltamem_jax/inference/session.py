@@ -53,8 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deltamem_jax.generation import SamplingConfig, generate
-from deltamem_jax.memory import MemoryParam
+from deltamem_jax.inference.generation import SamplingConfig, generate
+from deltamem_jax.memory.layer import MemoryParam
 from deltamem_jax.models.cache import KVCache
 from deltamem_jax.models.decoder import DecoderLM
 from deltamem_jax.models.functional import Runner

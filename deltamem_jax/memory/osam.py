@@ -35,6 +35,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from deltamem_jax.memory.config import METHODS, UPDATE_MODES
+
 __all__ = [
     "METHODS",
     "UPDATE_MODES",
@@ -44,8 +46,6 @@ __all__ = [
     "update_gates",
 ]
 
-UPDATE_MODES = ("standard", "lambda_outside", "no_lambda")
-METHODS = ("auto", "sequential", "associative", "chunked")
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _LOG_FLOOR = 1e-30  # keep-gates below this are treated as this in log space (chunked)
@@ -53,7 +53,7 @@ _LOG_FLOOR = 1e-30  # keep-gates below this are treated as this in log space (ch
 # lets the fusion pass inline each step's state update into the next step's
 # reductions, recomputing it (T = 8K, batch×heads 8, r = 8, forward CPU time:
 # unroll 1 / 4 / 8 = 7.2 / 15.7 / 30.7 ms).
-_SEQUENTIAL_UNROLL = 1
+SEQUENTIAL_UNROLL = 1
 
 
 def _einsum(spec, *operands):
@@ -304,7 +304,7 @@ def _scan_tokens(s0, xs, unroll=1):
 def _sequential(q, k, v, keep, erase, write, s0, chunk_size):
     """Token-by-token scan (the readable reference)."""
     del chunk_size
-    return _scan_tokens(s0, (q, k, v, keep, erase, write), unroll=_SEQUENTIAL_UNROLL)
+    return _scan_tokens(s0, (q, k, v, keep, erase, write), unroll=SEQUENTIAL_UNROLL)
 
 
 def _pad_time(xs, multiple):
@@ -330,7 +330,7 @@ def _sequential_fwd(q, k, v, keep, erase, write, s0, chunk_size):
     xs = _pad_time((q, k, v, keep, erase, write), c)
 
     def block(s, x):
-        reads, s_next = _scan_tokens(s, x, unroll=_SEQUENTIAL_UNROLL)
+        reads, s_next = _scan_tokens(s, x, unroll=SEQUENTIAL_UNROLL)
         return s_next, (reads, s)
 
     s_final, (reads, starts) = jax.lax.scan(block, s0, tuple(_blocks(x, c) for x in xs))
@@ -371,9 +371,9 @@ def _sequential_bwd(chunk_size, res, cotangents):
     def block(g, inp):
         s_start, rho, (q, k, v, keep, erase, write) = inp
         _, s_prev = jax.lax.scan(recompute, s_start, (k, v, keep, erase, write),
-                                 unroll=_SEQUENTIAL_UNROLL)
+                                 unroll=SEQUENTIAL_UNROLL)
         g, gs = jax.lax.scan(adjoint, g, (q, k, keep, erase, rho), reverse=True,
-                             unroll=_SEQUENTIAL_UNROLL)
+                             unroll=SEQUENTIAL_UNROLL)
         # Whole chunk at once: gs[t] = G_t, s_prev[t] = S_{t-1}.
         delta = _rowdot(gs, k)
         proj = _rowdot(s_prev, k)

@@ -1,0 +1,1 @@
+"""Running a trained model: generation, chat sessions with memory, session snapshots."""

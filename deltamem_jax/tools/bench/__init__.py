@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m deltamem_jax.tools.bench <subcommand>`` (see ``__main__``)."""

@@ -1,0 +1,1 @@
+"""Small helpers every room may use: logical sharding names, atomic writes, file errors."""
