@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from gguf.quants import quantize
 from jax.sharding import AxisType, PartitionSpec
 from safetensors import safe_open
@@ -29,9 +30,10 @@ from deltamem_jax import load_hf_model
 from deltamem_jax.checkpoints import gguf as dgguf
 from deltamem_jax.checkpoints.gguf import GGUFCheckpoint, GGUFError, smollm2_gguf_path
 from deltamem_jax.checkpoints.gguf_export import convert_gguf
-from deltamem_jax.checkpoints.hf import backbone_tensors
+from deltamem_jax.checkpoints.hf import backbone_tensors, load_config, read_backbone_state
 from deltamem_jax.data.tokenizer import load_tokenizer
 from deltamem_jax.inference.generation import SamplingConfig, generate
+from deltamem_jax.models.decoder import DecoderLM
 from deltamem_jax.tools import convert_gguf as convert_cli
 
 Q = gguf.GGMLQuantizationType
@@ -413,4 +415,16 @@ def test_sharded_load(tmp_path):
     assert gate.sharding.spec == PartitionSpec(None, "model")
     assert {s.data.shape for s in gate.addressable_shards} == {(64, 24)}
     for (n, a), (_, b) in zip(backbone_tensors(sharded), backbone_tensors(load_hf_model(path))):
+        np.testing.assert_array_equal(a, b, err_msg=n)
+
+
+def test_config_and_state_readers_take_a_gguf_path(tmp_path):
+    """What training's frozen-backbone reader uses: a .gguf path works like a directory."""
+    path = write_gguf(tmp_path / "tiny.gguf")
+    config = load_config(path, param_dtype="bfloat16")
+    assert config == load_hf_model(path, param_dtype="bfloat16").config
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0))))
+    model = nnx.merge(graphdef, read_backbone_state(path, config, abstract))
+    for (n, a), (_, b) in zip(backbone_tensors(model),
+                              backbone_tensors(load_hf_model(path, param_dtype="bfloat16"))):
         np.testing.assert_array_equal(a, b, err_msg=n)

@@ -138,15 +138,19 @@ def read_backbone_state(path, config: DecoderConfig, abstract_state: nnx.State,
                         shardings=None) -> nnx.State:
     """Fill an abstract backbone state (``nnx.eval_shape`` + ``nnx.split``) from ``path``.
 
-    ``path`` is a safetensors directory or a tensor source with ``get(hf_name)``
-    and ``path`` (e.g. a :class:`~deltamem_jax.checkpoints.gguf.GGUFCheckpoint`).
+    ``path`` is a safetensors directory, a ``.gguf`` file or a tensor source with
+    ``get(hf_name)`` and ``path`` (e.g. a
+    :class:`~deltamem_jax.checkpoints.gguf.GGUFCheckpoint`).
     Each tensor is read once (memory-mapped), converted to the parameter's dtype
     and, with ``shardings`` (a matching tree of ``NamedSharding``), placed so
     that every device receives only its slice: works on many hosts, where each
     host fills only its addressable devices.
     """
     start = time.perf_counter()
-    source = SafetensorsDir(path) if isinstance(path, (str, os.PathLike)) else path
+    if isinstance(path, (str, os.PathLike)):
+        source = GGUFCheckpoint(path) if is_gguf_path(path) else SafetensorsDir(path)
+    else:
+        source = path
     flat = dict(nnx.to_flat_state(abstract_state))
     sh_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
     groups: dict[tuple, list[Tensor]] = {}
@@ -193,6 +197,13 @@ def _read(source, t: Tensor, shape, dtype) -> np.ndarray:
         raise ValueError(f"checkpoint tensor {t.name!r} has shape {raw.shape}; expected "
                          f"{tuple(shape)} (in our layout) for this config.json")
     return arr.astype(dtype)
+
+
+def load_config(path: str | os.PathLike, **config_overrides) -> DecoderConfig:
+    """The :class:`DecoderConfig` of a model directory (``config.json``) or a ``.gguf`` file."""
+    if is_gguf_path(path):
+        return GGUFCheckpoint(path).config(**config_overrides)
+    return DecoderConfig.from_pretrained(path, **config_overrides)
 
 
 def load_hf_model(path: str | os.PathLike, *, memory: Optional[DeltaMemConfig] = None,
