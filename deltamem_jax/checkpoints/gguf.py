@@ -237,12 +237,6 @@ class GGUFCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._names
 
-    def keys(self) -> list[str]:
-        return list(self._names)
-
-    def gguf_name(self, name: str) -> str:
-        return self._names[name]
-
     def get(self, name: str) -> np.ndarray:
         """Tensor ``name`` (HF naming) dequantised to float32, in HF layout."""
         from gguf.quants import dequantize
@@ -266,8 +260,3 @@ class GGUFCheckpoint:
             elif ".self_attn.k_proj." in name:
                 w = unpermute_qk(w, c["num_key_value_heads"])
         return w
-
-    def close(self) -> None:
-        """Drop the memory map (tensors already returned stay valid: they are copies)."""
-        self._reader = None
-        self.tensors = {}
