@@ -45,6 +45,7 @@ __all__ = [
     "write_memory",
     "generate_texts",
     "nll_sums",
+    "usable_examples",
 ]
 
 #: The evaluation settings: history dropped / history written into δ-mem / history in the prompt.
@@ -117,6 +118,38 @@ def render_prompt(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]],
     if len(ids) == 0:
         raise ValueError("empty prompt")
     return ids
+
+
+# --------------------------------------------------------------------------- records
+
+def usable_examples(records, build: Callable[[int, dict], dict], what: str
+                    ) -> tuple[list[dict], "collections.Counter"]:
+    """``build(index, record)`` for every usable chat record; the rest counted per reason
+    (bad record, episode that cannot be built, template not prefix-stable) with one warning."""
+    import collections
+    import logging
+
+    from deltamem_jax.data.episodes import EpisodeError
+    from deltamem_jax.data.records import record_problem
+    from deltamem_jax.data.tokenizer import TemplateError
+
+    skipped: collections.Counter = collections.Counter()
+    out: list[dict] = []
+    for index, rec in enumerate(records):
+        problem = record_problem(rec)
+        if problem is not None:
+            skipped[problem] += 1
+            continue
+        try:
+            out.append(build(index, rec))
+        except EpisodeError as e:
+            skipped[e.reason] += 1
+        except TemplateError:
+            skipped["template_not_prefix_stable"] += 1
+    if skipped:
+        logging.getLogger(__name__).warning("%s: skipped %d record(s): %s", what,
+                                            sum(skipped.values()), dict(skipped))
+    return out, skipped
 
 
 # --------------------------------------------------------------------------- writes
