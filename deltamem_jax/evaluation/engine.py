@@ -73,6 +73,7 @@ class RecordStore:
 def check_fingerprint(workdir: str | Path, fingerprint: dict, resume: bool) -> None:
     """Refuse to mix records of two different configurations in one workdir."""
     path = Path(workdir) / "records" / "run.json"
+    fingerprint = json.loads(json.dumps(fingerprint))        # tuples -> lists, as on disk
     if path.is_file() and resume:
         old = json.loads(path.read_text())
         diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))

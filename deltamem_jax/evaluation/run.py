@@ -62,10 +62,13 @@ def _initialize(s: EvalSettings) -> Shard:
     return Shard(jax.process_index(), jax.process_count())
 
 
-def eval_mesh(data: int = -1) -> jax.sharding.Mesh:
-    """A one-axis ``data`` mesh over this process's first ``data`` devices (-1 = all)."""
+def eval_mesh(data: int = -1, batch_size: int = 1) -> jax.sharding.Mesh:
+    """A one-axis ``data`` mesh over this process's first ``data`` devices (-1 = as many
+    local devices as divide ``batch_size``)."""
     devices = jax.local_devices()
-    n = len(devices) if data == -1 else data
+    n = data
+    if data == -1:
+        n = max(k for k in range(1, len(devices) + 1) if batch_size % k == 0)
     if n > len(devices):
         raise ValueError(f"config.mesh.data: {n} devices asked, {len(devices)} available here")
     return jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,), devices=devices[:n])
@@ -83,7 +86,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     or ``{"printed": text}`` for ``print_prompt``."""
     s = resolve(config)
     shard = _initialize(s)
-    mesh = eval_mesh(s.mesh_data)
+    mesh = eval_mesh(s.mesh_data, s.batch_size)
     n_data = mesh.shape["data"]
     if s.batch_size % n_data:
         raise ValueError(f"config.batch_size: {s.batch_size} is not a multiple of the "
