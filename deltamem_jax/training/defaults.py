@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
         train="",                  # file path (or a hub dataset name, with a network)
         validation="",
         tokenizer="",              # "" = the model directory's; "byte" = built-in byte level
+        chat_template_kwargs="auto",  # "auto" = per model family (thinking off); or JSON
         max_length=512,            # read segment: recent turns + reply
         max_write_length=8192,     # write segment: earlier history, oldest dropped
         recent_messages=1,         # non-system messages visible in the read segment
@@ -65,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
         seed=42,
         sparsity_weight=0.01,      # write sparsity: w · mean_layers (mean β − target)²
         sparsity_target=0.05,
+        sparsity_source="write",   # "write" (ours) | "authors_read" (β of the read pass)
         log_every=10,
         stop_after=0,              # >0: stop after this many steps (tests a preempted run)
     ))

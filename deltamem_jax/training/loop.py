@@ -64,7 +64,8 @@ def setup(config: ml_collections.ConfigDict, *, need_data: bool = True, devices=
     memory = settings.memory_config(config)
     plan = plan_model(settings.decoder_config(config), memory, mesh, rules)
     tx, lr = make_optimizer(config, config.train.steps)
-    loss_cfg = LossConfig.of(memory, config.train.sparsity_weight, config.train.sparsity_target)
+    loss_cfg = LossConfig.of(memory, config.train.sparsity_weight, config.train.sparsity_target,
+                             config.train.get("sparsity_source", "write"))
     return Setup(config, mesh, rules, plan, tx, lr, state_shardings_of(plan, tx, mesh), loss_cfg)
 
 
@@ -101,8 +102,32 @@ def make_loader(s: Setup, path: str, tokenizer, *, shuffle: bool = True, epochs=
         shuffle=shuffle, epochs=epochs)
 
 
+def chat_template_kwargs(config, spec: str) -> dict | None:
+    """``data.chat_template_kwargs`` ("auto" = the backbone family's, as in evaluation);
+    None for the byte-level tokenizer."""
+    import json
+    import os
+
+    from deltamem_jax.data.tokenizer import BYTE_TOKENIZER_MARKER, family_template_kwargs
+    from deltamem_jax.models.config import DecoderConfig
+
+    if spec == "byte" or os.path.isfile(os.path.join(spec, BYTE_TOKENIZER_MARKER)):
+        return None
+    raw = config.data.get("chat_template_kwargs", "auto")
+    if raw != "auto":
+        value = json.loads(raw)
+        if not isinstance(value, dict):
+            raise ValueError(f"config.data.chat_template_kwargs: not a JSON object: {raw!r}")
+        return value
+    model_type = DecoderConfig.from_pretrained(config.model.hf_dir).model_type \
+        if config.model.hf_dir else config.model.scratch.model_type
+    return family_template_kwargs(model_type)
+
+
 def _tokenizer(config):
-    tok = load_tokenizer(config.data.tokenizer or config.model.hf_dir)
+    spec = config.data.tokenizer or config.model.hf_dir
+    kwargs = chat_template_kwargs(config, spec)
+    tok = load_tokenizer(spec, **({"template_kwargs": kwargs} if kwargs is not None else {}))
     return tok
 
 

@@ -26,16 +26,27 @@ MODEL_KEYS = ("write_ids", "write_mask", "write_message_ids", "write_sentence_id
               "read_ids", "read_mask", "labels")
 
 
+SPARSITY_SOURCES = ("write", "authors_read")
+
+
 class LossConfig(NamedTuple):
     sparsity_weight: float
     sparsity_target: float
     span_writes: bool
     sentence_ids: bool
+    # "write": β of the writing pass (the gates that actually write); "authors_read": the
+    # authors' trainer, β computed by the read pass (which writes nothing), its mean over
+    # the valid tokens and gates (= their plain mean: batch 1, no padding, no mask)
+    sparsity_source: str = "write"
 
     @classmethod
-    def of(cls, memory: DeltaMemConfig, sparsity_weight: float, sparsity_target: float):
+    def of(cls, memory: DeltaMemConfig, sparsity_weight: float, sparsity_target: float,
+           sparsity_source: str = "write"):
+        if sparsity_source not in SPARSITY_SOURCES:
+            raise ValueError(f"config.train.sparsity_source: {sparsity_source!r} is not one of "
+                             f"{SPARSITY_SOURCES}")
         return cls(float(sparsity_weight), float(sparsity_target), memory.span_writes,
-                   memory.memory_write_granularity == "sentence_mean")
+                   memory.memory_write_granularity == "sentence_mean", sparsity_source)
 
 
 def target_count(labels) -> jax.Array:
@@ -58,7 +69,7 @@ def episode_terms(model, batch, cfg: LossConfig):
     picked = jnp.take_along_axis(logits, jnp.where(counted, targets, 0)[..., None], -1)[..., 0]
     ce_sum = jnp.sum(jnp.where(counted, logz - picked, 0.0))
     correct = jnp.sum(counted & (jnp.argmax(logits, -1) == targets))
-    beta = write.beta_means                                   # [L_mem]
+    beta = read.beta_means if cfg.sparsity_source == "authors_read" else write.beta_means
     sparsity = jnp.mean(jnp.square(beta - cfg.sparsity_target))
     state_norm = jnp.mean(jnp.sqrt(jnp.sum(jnp.square(write.memory_state), axis=(-2, -1))))
     return ce_sum, jnp.sum(counted), sparsity, {"beta_mean": jnp.mean(beta),
