@@ -19,8 +19,9 @@ from deltamem_jax.evaluation.run import evaluate
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from helpers import random_model, save_pretrained  # noqa: E402
-from deltamem_jax.memory.config import DeltaMemConfig  # noqa: E402
+from helpers import random_model, save_pretrained
+
+from deltamem_jax.memory.config import DeltaMemConfig
 
 HOTPOT = [{"id": f"h{i}", "question": f" Who is {i}? ", "answer": "Ann", "type": "bridge",
            "level": "easy" if i % 2 else "hard",

@@ -20,7 +20,7 @@ from deltamem_jax.evaluation.settings import ConfigError, resolve
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from helpers import random_model, save_pretrained  # noqa: E402
+from helpers import random_model, save_pretrained
 
 
 def locomo_file(path, convs=2, questions=24):

@@ -107,7 +107,7 @@ def test_prompts_match_the_rules_without_truncation(raw):
 
 def test_prompts_match_the_rules_under_truncation(raw):
     convs = L.load_locomo(os.environ["DELTAMEM_LOCOMO"])
-    count = lambda s: len(s.encode("utf-8")) // 4 + 1          # noqa: E731 any monotone count
+    count = lambda s: len(s.encode("utf-8")) // 4 + 1
     for si, qi in _items(raw)[:6]:
         q = raw[si]["qa"][qi]
         ours = next(x for x in convs[si].questions if x.qa_index == qi)
@@ -137,9 +137,9 @@ def test_print_prompt_shows_the_authors_input(raw, tmp_path):
     """The task's render (eval.py --config.print_prompt) holds exactly the built messages."""
     from deltamem_jax.data.tokenizer import ByteTokenizer
     from deltamem_jax.evaluation.chat import prompt_text
+    from deltamem_jax.evaluation.defaults import eval_config
     from deltamem_jax.evaluation.locomo_task import LocomoTask
     from deltamem_jax.evaluation.settings import resolve
-    from deltamem_jax.evaluation.defaults import eval_config
 
     c = eval_config()
     c.data.path = os.environ["DELTAMEM_LOCOMO"]

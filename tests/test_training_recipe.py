@@ -1,8 +1,8 @@
 """The authors' training-recipe options: write-sparsity on the read pass's β, and the
 per-family chat-template keywords (thinking off) shared by training and evaluation."""
 
-import sys
 import pathlib
+import sys
 
 import jax.numpy as jnp
 import ml_collections
@@ -14,7 +14,7 @@ from deltamem_jax.training.loop import chat_template_kwargs
 from deltamem_jax.training.step import LossConfig, episode_terms
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from helpers import random_model  # noqa: E402
+from helpers import random_model
 
 
 def _batch():

@@ -3,14 +3,14 @@ of the authors' message-mean path. One rendering for generation and for ``print_
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from deltamem_jax.data.tokenizer import Tokenizer
 from deltamem_jax.evaluation.generate import Prompt
 
-__all__ = ["prompt_text", "prompt_ids", "span_prompt", "format_prompt"]
+__all__ = ["format_prompt", "prompt_ids", "prompt_text", "span_prompt"]
 
 Messages = Sequence[Mapping[str, str]]
 

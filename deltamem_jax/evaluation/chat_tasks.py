@@ -11,12 +11,12 @@ import numpy as np
 from deltamem_jax.data import load_records
 from deltamem_jax.evaluation import perplexity, recall
 from deltamem_jax.evaluation.chat import format_prompt
+from deltamem_jax.evaluation.decoding import Decoding
 from deltamem_jax.evaluation.prompts import generate_texts, write_memory
 from deltamem_jax.evaluation.scoring import exact_match, token_f1
 from deltamem_jax.evaluation.task import Task, resolve_decoding
-from deltamem_jax.evaluation.decoding import Decoding
 
-__all__ = ["RecallTask", "PerplexityTask"]
+__all__ = ["PerplexityTask", "RecallTask"]
 
 
 def _records(s):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ from flax import nnx
 from deltamem_jax.models.cache import KVCache
 from deltamem_jax.models.functional import Runner
 
-__all__ = ["Decoding", "warp_logits", "prefill", "decode", "broadcast_rows", "row_keys"]
+__all__ = ["Decoding", "broadcast_rows", "decode", "prefill", "row_keys", "warp_logits"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +86,8 @@ def row_keys(seeds: Sequence[int]) -> jax.Array:
 
 
 def prefill(runner: Runner, ids: np.ndarray, mask: np.ndarray, *, memory_state=None,
-            cache: Optional[KVCache] = None, write: bool = True, use_memory: bool = True,
-            message_ids: Optional[np.ndarray] = None, pass_length: int = 0,
+            cache: KVCache | None = None, write: bool = True, use_memory: bool = True,
+            message_ids: np.ndarray | None = None, pass_length: int = 0,
             need_logits: bool = True):
     """Feed ``ids`` ``[B, T]``; returns (last-position logits ``[B, V]`` or None, cache, state).
 
@@ -114,7 +114,7 @@ def prefill(runner: Runner, ids: np.ndarray, mask: np.ndarray, *, memory_state=N
 
 def broadcast_rows(cache: KVCache, state, batch: int, scanned: bool):
     """A one-row cache and memory state repeated to ``batch`` rows."""
-    rep0 = lambda x: jnp.repeat(x, batch, axis=0)  # noqa: E731
+    rep0 = lambda x: jnp.repeat(x, batch, axis=0)
     if scanned:
         keys = jnp.repeat(cache.keys, batch, axis=1)
         values = jnp.repeat(cache.values, batch, axis=1)

@@ -15,15 +15,15 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from deltamem_jax.utils.atomic import append_lines, atomic_write_json
 
 log = logging.getLogger("deltamem_jax.eval")
 
-__all__ = ["Shard", "RecordStore", "run_items", "collect", "check_fingerprint"]
+__all__ = ["RecordStore", "Shard", "check_fingerprint", "collect", "run_items"]
 
 
 @dataclass(frozen=True)

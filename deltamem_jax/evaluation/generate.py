@@ -18,8 +18,8 @@ writes this equals feeding each prompt whole.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +29,7 @@ from deltamem_jax.evaluation.loading import EvalModel
 from deltamem_jax.evaluation.prompts import bucket, pad_rows
 from deltamem_jax.models.cache import KVCache
 
-__all__ = ["Prompt", "answer_prompts", "common_prefix_length", "MIN_SHARED_PREFIX"]
+__all__ = ["MIN_SHARED_PREFIX", "Prompt", "answer_prompts", "common_prefix_length"]
 
 #: shorter common prefixes are not worth a separate prefill
 MIN_SHARED_PREFIX = 64
@@ -40,7 +40,7 @@ class Prompt:
     """Token ids of one chat-templated prompt; ``message_ids`` for the span-write path."""
 
     ids: np.ndarray
-    message_ids: Optional[np.ndarray] = None
+    message_ids: np.ndarray | None = None
 
 
 def common_prefix_length(rows: Sequence[np.ndarray]) -> int:
@@ -60,8 +60,8 @@ def _fill(rows: list, size: int) -> list:
 def answer_prompts(em: EvalModel, prompts: Sequence[Prompt], seeds: Sequence[int], *,
                    memory: bool, decoding: Decoding, batch_size: int, span: bool = False,
                    share_prefix: bool = False, pass_length: int = 0,
-                   initial_state=None, prefix: Optional[tuple[int, int]] = None,
-                   memo: Optional[dict] = None) -> list[str]:
+                   initial_state=None, prefix: tuple[int, int] | None = None,
+                   memo: dict | None = None) -> list[str]:
     """Decoded, stripped answers of ``prompts`` (at most ``batch_size``; filled to it).
 
     ``memory``: δ-mem on (fresh state per prompt, or ``initial_state`` ``[L, 1, H, r, r]``

@@ -17,7 +17,7 @@ from collections import defaultdict
 from deltamem_jax.evaluation.decoding import Decoding
 from deltamem_jax.evaluation.single_prompt import SinglePromptTask, read_rows, require
 
-__all__ = ["choice_order", "build_prompt", "extract_letter", "GPQATask", "summarize_gpqa"]
+__all__ = ["GPQATask", "build_prompt", "choice_order", "extract_letter", "summarize_gpqa"]
 
 FIELDS = ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
           "Incorrect Answer 3", "Record ID")
@@ -25,7 +25,7 @@ FIELDS = ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 
 
 def choice_order(record_id: str, seed: int) -> list[int]:
     """Positions of [correct, incorrect 1-3] after their stable shuffle."""
-    digest = hashlib.md5(f"{record_id}:{seed}".encode("utf-8")).hexdigest()
+    digest = hashlib.md5(f"{record_id}:{seed}".encode()).hexdigest()
     order = [0, 1, 2, 3]
     random.Random(int(digest[:8], 16)).shuffle(order)
     return order

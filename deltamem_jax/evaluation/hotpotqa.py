@@ -15,8 +15,15 @@ from collections import Counter, defaultdict
 from deltamem_jax.evaluation.decoding import Decoding
 from deltamem_jax.evaluation.single_prompt import SinglePromptTask, read_rows, require
 
-__all__ = ["PROMPT", "build_context", "normalize_qa_span", "qa_f1", "first_line",
-           "HotpotQATask", "summarize_hotpotqa"]
+__all__ = [
+    "PROMPT",
+    "HotpotQATask",
+    "build_context",
+    "first_line",
+    "normalize_qa_span",
+    "qa_f1",
+    "summarize_hotpotqa",
+]
 
 PROMPT = ("Answer the question using only the passages below.\nReply with a short span or "
           "yes/no only.\n\n{context}\n\nQuestion: {question}\nAnswer:")

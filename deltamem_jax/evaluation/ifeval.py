@@ -29,8 +29,14 @@ import regex
 from deltamem_jax.evaluation.decoding import Decoding
 from deltamem_jax.evaluation.single_prompt import SinglePromptTask, read_rows, require
 
-__all__ = ["detect_language", "LangDetectException", "ifeval_checkers", "evaluate_response",
-           "summarize_ifeval", "IFEvalTask"]
+__all__ = [
+    "IFEvalTask",
+    "LangDetectException",
+    "detect_language",
+    "evaluate_response",
+    "ifeval_checkers",
+    "summarize_ifeval",
+]
 
 
 class LangDetectException(Exception):
@@ -128,7 +134,7 @@ def _modules():
     spec = importlib.util.find_spec("lm_eval")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("IFEval needs lm-eval (pip install --no-deps -r requirements-nodeps.txt)")
-    root = list(spec.submodule_search_locations)[0]
+    root = next(iter(spec.submodule_search_locations))
     stubs = {"lm_eval": root, "lm_eval.tasks": f"{root}/tasks",
              "lm_eval.tasks.ifeval": f"{root}/tasks/ifeval"}
     added, saved_nltk = [], sys.modules.get("nltk")
@@ -213,7 +219,7 @@ def summarize_ifeval(records: list[dict]) -> dict:
               "inst_level_loose_acc": round(sum(lo for _, lo in v) / len(v), 4),
               "num_instructions": len(v), "num_strict_correct": sum(s for s, _ in v),
               "num_loose_correct": sum(lo for _, lo in v)} for i, v in sorted(grouped.items())}
-    r4 = lambda a, b: round(a / b, 4) if b else 0.0  # noqa: E731
+    r4 = lambda a, b: round(a / b, 4) if b else 0.0
     return {"prompt_level_strict_acc": r4(ps, n), "prompt_level_loose_acc": r4(pl, n),
             "inst_level_strict_acc": r4(si, m), "inst_level_loose_acc": r4(li, m),
             "num_samples": n, "num_prompt_strict_correct": ps, "num_prompt_loose_correct": pl,

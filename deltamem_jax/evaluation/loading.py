@@ -24,7 +24,7 @@ from deltamem_jax.models.decoder import DecoderLM
 from deltamem_jax.models.functional import Runner
 from deltamem_jax.utils.sharding import Rules, state_shardings
 
-__all__ = ["EvalModel", "load_eval_model", "stop_ids", "context_window", "token_write_runner"]
+__all__ = ["EvalModel", "context_window", "load_eval_model", "stop_ids", "token_write_runner"]
 
 
 @dataclass
@@ -52,7 +52,7 @@ class EvalModel:
 def stop_ids(model_dir: str, config: DecoderConfig, tokenizer: Tokenizer) -> tuple[int, ...]:
     """EOS ids of ``generation_config.json`` (else ``config.json``) ∪ the tokenizer's stop ids,
     as the authors' manual decode loop stops."""
-    ids: set[int] = set(int(i) for i in tokenizer.stop_ids)
+    ids: set[int] = {int(i) for i in tokenizer.stop_ids}
     gen = os.path.join(model_dir, "generation_config.json")
     eos = None
     if os.path.isfile(gen):

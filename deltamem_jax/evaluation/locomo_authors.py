@@ -13,8 +13,8 @@ tokens, as ``tokenizer.encode`` does in their code. Pure Python (no JAX).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 from deltamem_jax.evaluation.locomo import (
     CATEGORY_2_SUFFIX,
@@ -25,8 +25,16 @@ from deltamem_jax.evaluation.locomo import (
     Turn,
 )
 
-__all__ = ["SYSTEM_PROMPT", "QuestionSpec", "question_spec", "render_turn", "context_text",
-           "build_messages", "count_tokens", "history_messages"]
+__all__ = [
+    "SYSTEM_PROMPT",
+    "QuestionSpec",
+    "build_messages",
+    "context_text",
+    "count_tokens",
+    "history_messages",
+    "question_spec",
+    "render_turn",
+]
 
 SYSTEM_PROMPT = (
     "You are a helpful, respectful and honest assistant whose job is to understand the "
@@ -42,7 +50,7 @@ class QuestionSpec:
 
     text: str
     category: int
-    options: Optional[dict] = None
+    options: dict | None = None
 
     @property
     def qa_prompt(self) -> str:
@@ -90,7 +98,7 @@ def count_tokens(tokenizer) -> Callable[[str], int]:
 
 
 def context_text(conversation: LocomoConversation, qa_prompt: str, count: Callable[[str], int],
-                 budget: Optional[int]) -> str:
+                 budget: int | None) -> str:
     """Preamble + sessions latest first, within ``budget`` tokens (None = no limit)."""
     start = CONV_START_PROMPT.format(*conversation.speakers)
     start_tokens, question_tokens = (count(start), count(qa_prompt)) if budget is not None else (0, 0)
@@ -113,7 +121,7 @@ def context_text(conversation: LocomoConversation, qa_prompt: str, count: Callab
 
 
 def build_messages(conversation: LocomoConversation, spec: QuestionSpec,
-                   count: Callable[[str], int], budget: Optional[int]) -> list[dict]:
+                   count: Callable[[str], int], budget: int | None) -> list[dict]:
     """[system, user] of the authors' LoCoMo prompt for one question."""
     ctx = context_text(conversation, spec.qa_prompt, count, budget)
     return [{"role": "system", "content": SYSTEM_PROMPT},
@@ -121,7 +129,7 @@ def build_messages(conversation: LocomoConversation, spec: QuestionSpec,
 
 
 def history_messages(conversation: LocomoConversation, count: Callable[[str], int],
-                     budget: Optional[int]) -> list[dict]:
+                     budget: int | None) -> list[dict]:
     """[system, user: preamble + sessions] (the conversation without a question): what the
     ``delta_mem`` setting writes into memory under this protocol's rendering."""
     return [{"role": "system", "content": SYSTEM_PROMPT},

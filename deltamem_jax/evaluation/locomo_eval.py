@@ -40,7 +40,11 @@ from deltamem_jax.evaluation.prompts import (
     write_memory,
     write_segment,
 )
-from deltamem_jax.evaluation.scoring import LOCOMO_SCORED_CATEGORIES, locomo_summary_row, score_locomo
+from deltamem_jax.evaluation.scoring import (
+    LOCOMO_SCORED_CATEGORIES,
+    locomo_summary_row,
+    score_locomo,
+)
 from deltamem_jax.models.functional import Runner
 
 __all__ = ["SETTINGS", "locomo_write_segment", "fit_full_context", "setting_messages",

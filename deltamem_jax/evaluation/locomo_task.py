@@ -36,7 +36,7 @@ from deltamem_jax.evaluation.scoring import (
 from deltamem_jax.evaluation.task import Task, resolve_decoding, uses_memory
 from deltamem_jax.models.cache import KVCache
 
-__all__ = ["LocomoTask", "AUTHORS_DECODING"]
+__all__ = ["AUTHORS_DECODING", "LocomoTask"]
 
 AUTHORS_DECODING = Decoding(max_new_tokens=50, temperature=0.4, top_k=10, top_p=0.9)
 

@@ -23,8 +23,19 @@ from deltamem_jax.evaluation.hotpotqa import first_line, normalize_qa_span, qa_f
 from deltamem_jax.evaluation.single_prompt import SinglePromptTask, read_rows, require
 from deltamem_jax.evaluation.task import uses_memory
 
-__all__ = ["SPLITS", "PROMPT", "SPLIT_LABELS", "source_spec", "generation_length",
-           "clip_chars", "aliases", "is_correct", "alias_f1", "summarize_mab", "MABTask"]
+__all__ = [
+    "PROMPT",
+    "SPLITS",
+    "SPLIT_LABELS",
+    "MABTask",
+    "alias_f1",
+    "aliases",
+    "clip_chars",
+    "generation_length",
+    "is_correct",
+    "source_spec",
+    "summarize_mab",
+]
 
 SPLITS = ("Accurate_Retrieval", "Test_Time_Learning", "Long_Range_Understanding",
           "Conflict_Resolution")
@@ -189,7 +200,7 @@ class MABTask(SinglePromptTask):
         if key in self._clipped:
             return self._clipped[key]
         tok, text = self.em.tokenizer, item["context"]
-        count = lambda ctx: len(prompt_ids(tok, [{"role": "user", "content": PROMPT.format(  # noqa: E731
+        count = lambda ctx: len(prompt_ids(tok, [{"role": "user", "content": PROMPT.format(
             context=ctx, question=item["question"])}]))
         max_prompt = max(1, self.em.context_window - self.max_new_tokens(item))
         available = max(1, max_prompt - count("") - 32)
@@ -233,7 +244,7 @@ class MABTask(SinglePromptTask):
         return out
 
     def score(self, item, prediction):
-        name, metric = source_spec(item["source"])
+        _name, metric = source_spec(item["source"])
         correct = is_correct(prediction, item["answer_aliases"])
         f1 = round(alias_f1(prediction, item["answer_aliases"]), 4)
         return {"split": item["split"], "row": item["row"], "source": item["source"],

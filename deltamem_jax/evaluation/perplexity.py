@@ -14,7 +14,6 @@ reply token is predicted from the last prompt token); ``ppl = exp(loss)``.
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 from typing import Any, Iterable, Sequence

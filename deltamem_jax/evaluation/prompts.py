@@ -23,9 +23,9 @@ from flax import nnx
 from deltamem_jax.data.sentences import chat_sentence_ids
 from deltamem_jax.data.tokenizer import Tokenizer
 from deltamem_jax.inference.generation import SamplingConfig, generate
-from deltamem_jax.training.losses import causal_lm_loss
 from deltamem_jax.models.cache import KVCache
 from deltamem_jax.models.functional import Runner
+from deltamem_jax.training.losses import causal_lm_loss
 
 __all__ = [
     "SETTINGS",

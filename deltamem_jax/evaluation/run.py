@@ -28,7 +28,7 @@ from deltamem_jax.utils.sharding import logical_rules
 
 log = logging.getLogger("deltamem_jax.eval")
 
-__all__ = ["evaluate", "task_class", "eval_mesh", "RULES"]
+__all__ = ["RULES", "eval_mesh", "evaluate", "task_class"]
 
 _TASKS = {
     "locomo": "deltamem_jax.evaluation.locomo_task:LocomoTask",

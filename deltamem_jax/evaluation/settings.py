@@ -271,7 +271,7 @@ def resolve(config: ml_collections.ConfigDict, *, need_model: bool = True) -> Ev
     if c.ifeval.nltk not in ("nltk", "shim"):
         _fail("ifeval.nltk", f"{c.ifeval.nltk!r} is not 'nltk' or 'shim'")
     mab = c.memory_agent_bench
-    from deltamem_jax.evaluation.mab import SPLITS  # noqa: PLC0415 (pure Python)
+    from deltamem_jax.evaluation.mab import SPLITS
     bad = [s for s in mab.splits if s not in SPLITS]
     if bad or not mab.splits:
         _fail("memory_agent_bench.splits", f"{bad or '()'} not in {SPLITS}")

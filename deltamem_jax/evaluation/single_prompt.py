@@ -9,14 +9,13 @@ from __future__ import annotations
 import abc
 import json
 import os
-from typing import Optional
 
 from deltamem_jax.evaluation.chat import format_prompt, prompt_ids, prompt_text, span_prompt
 from deltamem_jax.evaluation.decoding import Decoding
 from deltamem_jax.evaluation.generate import Prompt, answer_prompts
 from deltamem_jax.evaluation.task import Task, resolve_decoding, uses_memory
 
-__all__ = ["read_rows", "SinglePromptTask"]
+__all__ = ["SinglePromptTask", "read_rows"]
 
 
 def read_rows(path: str, what: str) -> list[dict]:
@@ -97,7 +96,7 @@ class SinglePromptTask(Task):
         groups: dict[int, list[int]] = {}
         for j, it in enumerate(items):          # one decode length per call
             groups.setdefault(self.max_new_tokens(it), []).append(j)
-        out: list[Optional[dict]] = [None] * len(items)
+        out: list[dict | None] = [None] * len(items)
         for n_new, js in groups.items():
             span = self.span(setting, [items[j] for j in js])
             msgs = [self.messages(items[j]) for j in js]
@@ -112,7 +111,7 @@ class SinglePromptTask(Task):
                                    pass_length=self.s.data.write_pass_length)
             for j, text, p in zip(js, texts, prompts):
                 out[j] = {**self.score(items[j], text), "prediction": text,
-                          "prompt_tokens": int(len(p.ids)), "max_new_tokens": n_new}
+                          "prompt_tokens": len(p.ids), "max_new_tokens": n_new}
         return out
 
     def share_prefix(self, items: list[dict], js: list[int]) -> bool:

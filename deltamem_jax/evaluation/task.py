@@ -5,7 +5,6 @@ exact model input of any item (``print_prompt``)."""
 from __future__ import annotations
 
 import abc
-from typing import Optional
 
 from deltamem_jax.evaluation.decoding import Decoding
 from deltamem_jax.evaluation.loading import EvalModel
@@ -36,7 +35,7 @@ class Task(abc.ABC):
     name: str = ""
     title: str = ""
 
-    def __init__(self, s: EvalSettings, em: Optional[EvalModel]):
+    def __init__(self, s: EvalSettings, em: EvalModel | None):
         self.s = s
         self.em = em
 
