@@ -67,3 +67,10 @@ def save_pretrained(model: DecoderLM, root: pathlib.Path) -> tuple[pathlib.Path,
 def tiny_chats(n: int = 8, split: str = "train", seed: int = 0, **config) -> list[dict]:
     """``n`` synthetic multi-session chat records ``{"messages": [...]}`` (short)."""
     return generate_split(n, split, SyntheticConfig(seed=seed, **config))
+
+
+def run_eval(config, workdir):
+    """``eval.py``'s path: resolve an eval ConfigDict once, then evaluate."""
+    from deltamem_jax.evaluation.run import evaluate
+    from deltamem_jax.evaluation.settings import resolve
+    return evaluate(resolve(config), str(workdir))

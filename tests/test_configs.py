@@ -31,6 +31,15 @@ def test_training_config_files_resolve(path):
     s.decoder()                     # the architecture resolves too (preset, scratch or dir)
 
 
+EVAL_CONFIGS = sorted((REPO / "configs").glob("eval_*.py"))
+
+
+@pytest.mark.parametrize("path", EVAL_CONFIGS, ids=lambda p: p.name)
+def test_evaluation_config_files_resolve(path):
+    from deltamem_jax.evaluation.settings import EvalSettings, resolve
+    assert isinstance(resolve(_load(path), need_model=False), EvalSettings)
+
+
 def test_every_config_file_is_covered():
     names = {p.name for p in (REPO / "configs").glob("*.py") if p.name != "__init__.py"}
     assert {p.name for p in TRAIN_CONFIGS} | {n for n in names if n.startswith("eval_")} == names

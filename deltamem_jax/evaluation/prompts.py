@@ -11,6 +11,7 @@ Memory states have the model's layout ``[L_mem, B, H, r, r]`` (batch on axis 1).
 
 from __future__ import annotations
 
+import collections
 import functools
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Mapping, Optional, Sequence
@@ -23,9 +24,9 @@ from flax import nnx
 from deltamem_jax.data.sentences import chat_sentence_ids
 from deltamem_jax.data.tokenizer import Tokenizer
 from deltamem_jax.inference.generation import SamplingConfig, generate
-from deltamem_jax.training.losses import causal_lm_loss
 from deltamem_jax.models.cache import KVCache
 from deltamem_jax.models.functional import Runner
+from deltamem_jax.training.losses import causal_lm_loss
 
 __all__ = [
     "SETTINGS",
@@ -45,6 +46,7 @@ __all__ = [
     "write_memory",
     "generate_texts",
     "nll_sums",
+    "usable_examples",
 ]
 
 #: The evaluation settings: history dropped / history written into δ-mem / history in the prompt.
@@ -117,6 +119,38 @@ def render_prompt(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]],
     if len(ids) == 0:
         raise ValueError("empty prompt")
     return ids
+
+
+# --------------------------------------------------------------------------- records
+
+def usable_examples(records, build: Callable[[int, dict], dict], what: str
+                    ) -> tuple[list[dict], "collections.Counter"]:
+    """``build(index, record)`` for every usable chat record; the rest counted per reason
+    (bad record, episode that cannot be built, template not prefix-stable) with one warning."""
+    import collections
+    import logging
+
+    from deltamem_jax.data.episodes import EpisodeError
+    from deltamem_jax.data.records import record_problem
+    from deltamem_jax.data.tokenizer import TemplateError
+
+    skipped: collections.Counter = collections.Counter()
+    out: list[dict] = []
+    for index, rec in enumerate(records):
+        problem = record_problem(rec)
+        if problem is not None:
+            skipped[problem] += 1
+            continue
+        try:
+            out.append(build(index, rec))
+        except EpisodeError as e:
+            skipped[e.reason] += 1
+        except TemplateError:
+            skipped["template_not_prefix_stable"] += 1
+    if skipped:
+        logging.getLogger(__name__).warning("%s: skipped %d record(s): %s", what,
+                                            sum(skipped.values()), dict(skipped))
+    return out, skipped
 
 
 # --------------------------------------------------------------------------- writes

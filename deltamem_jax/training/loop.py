@@ -106,6 +106,13 @@ def make_loader(s: Setup, path: str, tokenizer, *, shuffle: bool = True, epochs=
         shuffle=shuffle, epochs=epochs)
 
 
+def run_tokenizer(settings: TrainSettings):
+    """The run's tokenizer, with the backbone family's chat-template keywords."""
+    kwargs = settings.template_kwargs()
+    return load_tokenizer(settings.tokenizer_spec,
+                          **({"template_kwargs": kwargs} if kwargs is not None else {}))
+
+
 def train(settings: TrainSettings, workdir: str, *, devices=None) -> dict:
     """Train δ-mem on a frozen backbone; returns the final summary (also saved as JSON)."""
     if isinstance(settings, TrainSettings):
@@ -116,7 +123,7 @@ def train(settings: TrainSettings, workdir: str, *, devices=None) -> dict:
                         keep=c.checkpoint.keep)
     metrics_log = MetricsLogger(workdir, total_steps=c.train.steps, every=c.train.log_every,
                                 tensorboard=c.logging.tensorboard)
-    tokenizer = load_tokenizer(c.tokenizer_spec)
+    tokenizer = run_tokenizer(c)
     if tokenizer.vocab_size > s.plan.decoder.vocab_size:
         raise ConfigError(
             f"config.data.tokenizer: its vocabulary ({tokenizer.vocab_size}) is larger than the "

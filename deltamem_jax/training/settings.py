@@ -19,6 +19,7 @@ p(state only) = 0.2, write sparsity 0.01 toward 0.05). ``train.steps`` and
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -36,6 +37,7 @@ __all__ = ["ConfigError", "AUTHORS_TRAINING_MEMORY", "ScratchModel", "ModelSetti
            "resolve"]
 
 SCHEDULES = ("cosine", "linear", "constant")
+SPARSITY_SOURCES = ("write", "authors_read")
 AXIS_TYPES = ("auto",)
 
 #: The δ-mem settings of the authors' training scripts: their config-class defaults
@@ -109,6 +111,7 @@ class DataSettings:
     train: str = ""                    # file path (or a hub dataset name, with a network)
     validation: str = ""
     tokenizer: str = ""                # "" = the model directory's; "byte" = built-in byte level
+    chat_template_kwargs: str = "auto"  # "auto" = per model family (thinking off); or JSON
     max_length: int = 512              # read segment: recent turns + reply
     max_write_length: int = 8192       # write segment: earlier history, oldest dropped
     recent_messages: int = 1           # non-system messages visible in the read segment
@@ -125,6 +128,14 @@ class DataSettings:
                 fail(f"data.{name}", f"must be a probability, got {getattr(self, name)}")
         if self.p_state_only + self.p_no_memory > 1.0:
             fail("data.p_state_only", "p_state_only + p_no_memory must be ≤ 1")
+        if self.chat_template_kwargs != "auto":
+            try:
+                value = json.loads(self.chat_template_kwargs)
+            except json.JSONDecodeError as e:
+                fail("data.chat_template_kwargs", f"not 'auto' or JSON: {e}")
+            if not isinstance(value, dict):
+                fail("data.chat_template_kwargs", f"not a JSON object: "
+                                                  f"{self.chat_template_kwargs!r}")
 
     @property
     def views(self) -> tuple[str, ...]:
@@ -168,6 +179,7 @@ class LoopSettings:
     seed: int = 42
     sparsity_weight: float = 0.01      # write sparsity: w · mean_layers (mean β − target)²
     sparsity_target: float = 0.05
+    sparsity_source: str = "write"     # "write" (ours) | "authors_read" (β of the read pass)
     log_every: int = 10
     stop_after: int = 0                # >0: stop after this many steps (tests a preempted run)
 
@@ -181,6 +193,9 @@ class LoopSettings:
             fail("train.log_every", f"must be ≥ 1, got {self.log_every}")
         if self.sparsity_weight < 0:
             fail("train.sparsity_weight", f"must be ≥ 0, got {self.sparsity_weight}")
+        if self.sparsity_source not in SPARSITY_SOURCES:
+            fail("train.sparsity_source", f"{self.sparsity_source!r} is not one of "
+                                          f"{SPARSITY_SOURCES}")
 
     @property
     def micro_batch(self) -> int:
@@ -286,6 +301,17 @@ class TrainSettings:
     def tokenizer_spec(self) -> str:
         """What :func:`~deltamem_jax.data.tokenizer.load_tokenizer` is given."""
         return self.data.tokenizer or self.model.hf_dir
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        """Chat-template keywords for the tokenizer (None for the byte-level one): "auto" =
+        the backbone family's, as in evaluation (thinking off for Qwen3 / SmolLM3)."""
+        from deltamem_jax.data.tokenizer import BYTE_TOKENIZER_MARKER, family_template_kwargs
+        spec = self.tokenizer_spec
+        if spec == "byte" or os.path.isfile(os.path.join(spec, BYTE_TOKENIZER_MARKER)):
+            return None
+        if self.data.chat_template_kwargs != "auto":
+            return json.loads(self.data.chat_template_kwargs)
+        return family_template_kwargs(self.decoder().model_type)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (for run metadata)."""

@@ -26,17 +26,22 @@ MODEL_KEYS = ("write_ids", "write_mask", "write_message_ids", "write_sentence_id
               "read_ids", "read_mask", "labels")
 
 
+
 class LossConfig(NamedTuple):
     sparsity_weight: float
     sparsity_target: float
     span_writes: bool
     sentence_ids: bool
+    # "write": β of the writing pass (the gates that actually write); "authors_read": the
+    # authors' trainer, β computed by the read pass (which writes nothing), its mean over
+    # the valid tokens and gates (= their plain mean: batch 1, no padding, no mask)
+    sparsity_source: str = "write"
 
     @classmethod
     def of(cls, settings: TrainSettings) -> "LossConfig":
         memory, t = settings.memory, settings.train
         return cls(float(t.sparsity_weight), float(t.sparsity_target), memory.span_writes,
-                   memory.memory_write_granularity == "sentence_mean")
+                   memory.memory_write_granularity == "sentence_mean", t.sparsity_source)
 
 
 def target_count(labels) -> jax.Array:
@@ -53,7 +58,7 @@ def episode_terms(model, batch, cfg: LossConfig):
     read = model(batch["read_ids"], attention_mask=batch["read_mask"],
                  memory_state=write.memory_state, write=False)
     ce_sum, count, correct = causal_lm_sums(read.logits, batch["labels"])
-    beta = write.beta_means                                   # [L_mem]
+    beta = read.beta_means if cfg.sparsity_source == "authors_read" else write.beta_means
     sparsity = jnp.mean(jnp.square(beta - cfg.sparsity_target))
     state_norm = jnp.mean(jnp.sqrt(jnp.sum(jnp.square(write.memory_state), axis=(-2, -1))))
     return ce_sum, count, sparsity, {"beta_mean": jnp.mean(beta),
