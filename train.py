@@ -22,12 +22,14 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)      # orbax's per-save chatter
     from deltamem_jax.training import loop
+    from deltamem_jax.training.settings import resolve
+    settings = resolve(FLAGS.config, need_data=not FLAGS.dry_run)   # the ConfigDict stops here
     if FLAGS.dry_run:
-        print(loop.format_dry_run(loop.dry_run(FLAGS.config)))
+        print(loop.format_dry_run(loop.dry_run(settings)))
         return
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required (except with --dry_run)")
-    loop.train(FLAGS.config, FLAGS.workdir)
+    loop.train(settings, FLAGS.workdir)
 
 
 if __name__ == "__main__":

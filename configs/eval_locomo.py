@@ -1,4 +1,6 @@
-"""Evaluation: locomo (every field: deltamem_jax/evaluation/defaults.py)."""
+"""LoCoMo, the authors' protocol by default (every field: deltamem_jax/evaluation/defaults.py).
+
+--config.protocol=memory_only for the history-only-in-memory test."""
 
 import os
 
@@ -8,7 +10,8 @@ from deltamem_jax.evaluation.defaults import eval_config
 def get_config():
     c = eval_config()
     c.task = "locomo"
-    c.data.path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                               "locomo10.json")
-    c.max_new_tokens = 50
+    c.protocol = "authors"
+    c.data.path = os.environ.get("DELTAMEM_LOCOMO", os.path.join(
+        os.path.dirname(__file__), "..", "..", "shared", "data", "locomo10.json"))
+    c.batch_size = 8
     return c

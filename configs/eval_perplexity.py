@@ -1,4 +1,4 @@
-"""Evaluation: perplexity (every field: deltamem_jax/evaluation/defaults.py)."""
+"""Held-out reply loss with and without memory (every field: evaluation/defaults.py)."""
 
 from deltamem_jax.evaluation.defaults import eval_config
 
@@ -6,5 +6,6 @@ from deltamem_jax.evaluation.defaults import eval_config
 def get_config():
     c = eval_config()
     c.task = "perplexity"
-    c.settings = ("with_memory", "without_memory", "full_context")
+    c.protocol = "memory_only"
+    c.settings = ("delta_mem", "no_memory", "full_context")
     return c

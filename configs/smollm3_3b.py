@@ -3,11 +3,7 @@
 The authors' SmolLM3 script differs only by the sparsity weight (0) and paths.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from qwen3_4b import get_config as qwen3_4b_config  # noqa: E402
+from configs.qwen3_4b import get_config as qwen3_4b_config
 
 
 def get_config():

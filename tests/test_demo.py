@@ -11,10 +11,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import run_eval
 
 from deltamem_jax.tools import demo
 from deltamem_jax.evaluation.defaults import eval_config
-from deltamem_jax.evaluation.run import evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,21 +59,22 @@ def _eval_cfg(workdir, task):
     c.data.path = os.path.join(workdir, "data", "test.jsonl")
     c.data.limit = 4
     c.batch_size = 4
-    c.max_new_tokens = 4
-    c.max_write_length = 256
-    c.max_length = 64
+    c.protocol = "memory_only"
+    c.decoding.max_new_tokens = 4
+    c.data.max_write_length = 256
+    c.data.max_length = 64
     return c
 
 
 def test_eval_recall_and_perplexity_on_demo_outputs(demo_run, tmp_path):
     workdir, _ = demo_run
-    out = evaluate(_eval_cfg(workdir, "recall"), str(tmp_path / "recall"))
+    out = run_eval(_eval_cfg(workdir, "recall"), str(tmp_path / "recall"))
     assert set(out["rows"]) == {"no_memory", "delta_mem", "full_context"}
     for row in out["rows"].values():
         assert 0.0 <= row["exact_match"] <= 1.0
     for f in out["files"].values():
         assert os.path.isfile(f)
-    out = evaluate(_eval_cfg(workdir, "perplexity"), str(tmp_path / "ppl"))
+    out = run_eval(_eval_cfg(workdir, "perplexity"), str(tmp_path / "ppl"))
     assert out["rows"] and all(os.path.isfile(f) for f in out["files"].values())
 
 
@@ -82,11 +83,11 @@ def test_eval_config_errors(demo_run, tmp_path):
     c = _eval_cfg(workdir, "recall")
     c.task = "translate"
     with pytest.raises(ValueError, match="config.task"):
-        evaluate(c, str(tmp_path))
+        run_eval(c, str(tmp_path))
     c = _eval_cfg(workdir, "recall")
     c.data.path = str(tmp_path / "missing.jsonl")
-    with pytest.raises(FileNotFoundError, match="config.data.path"):
-        evaluate(c, str(tmp_path))
+    with pytest.raises(ValueError, match="config.data.path"):
+        run_eval(c, str(tmp_path))
 
 
 def test_eval_cli_rejects_unknown_field():

@@ -188,15 +188,15 @@ def test_perplexity_zero_heads_and_sensitivity(zero_runner, mem_runner, tok, rec
     m = perplexity.evaluate_perplexity(mem_runner, tok, records, **PPL)
     for res in (z, m):
         assert set(res) == set(perplexity.PPL_SETTINGS)
-        assert len({r["tokens"] for r in res.values()}) == 1 and res["with_memory"]["tokens"] > 0
+        assert len({r["tokens"] for r in res.values()}) == 1 and res["delta_mem"]["tokens"] > 0
         assert all(r["n"] == len(records) and np.isfinite(r["loss"]) for r in res.values())
         assert all(abs(r["ppl"] - np.exp(r["loss"])) < 1e-6 * r["ppl"] for r in res.values())
     # (e) Δ heads zero: the written state cannot matter
-    assert z["with_memory"]["loss"] == pytest.approx(z["without_memory"]["loss"], rel=1e-6)
-    assert abs(m["with_memory"]["loss"] - m["without_memory"]["loss"]) > 1e-4
+    assert z["delta_mem"]["loss"] == pytest.approx(z["no_memory"]["loss"], rel=1e-6)
+    assert abs(m["delta_mem"]["loss"] - m["no_memory"]["loss"]) > 1e-4
     # full context never uses memory: identical for both runners (same backbone)
     assert m["full_context"]["loss"] == pytest.approx(z["full_context"]["loss"], rel=1e-6)
-    assert perplexity.to_report_rows(m)["with_memory"]["ppl"] == m["with_memory"]["ppl"]
+    assert perplexity.to_report_rows(m)["delta_mem"]["ppl"] == m["delta_mem"]["ppl"]
 
 
 def test_perplexity_matches_hand_computation(mem_runner, tok, records):

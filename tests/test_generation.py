@@ -64,3 +64,25 @@ def test_memory_changes_what_is_generated():
     with_mem = generate(model, prompt, memory_state=written, eos_ids=(), sampling=sampling)
     without = generate(model, prompt, use_memory=False, eos_ids=(), sampling=sampling)
     assert not np.array_equal(np.asarray(with_mem.tokens), np.asarray(without.tokens))
+
+
+def test_write_pass_without_logits_keeps_the_whole_cache():
+    """compute_logits=False skips the LM head only: with a cache, every layer still runs
+    (also those after the last δ-mem layer), so the cache equals the one with logits."""
+    from helpers import random_model
+
+    from deltamem_jax.models.functional import Runner
+
+    for scan in (False, True):
+        mem = DeltaMemConfig(output_init="random", target_layers=() if scan else (0,))
+        run = Runner(random_model(3, scan_layers=scan, memory=mem))
+        ids = jnp.asarray(np.random.default_rng(0).integers(3, 200, (2, 10)), jnp.int32)
+        cache = run.init_cache(2, 16)
+        s0 = run.init_memory_state(2)
+        with_logits = run(ids, memory_state=s0, cache=cache)
+        without = run(ids, memory_state=s0, cache=cache, compute_logits=False)
+        assert without.logits is None and without.cache is not None
+        for a, b in zip(jax.tree.leaves(with_logits.cache), jax.tree.leaves(without.cache)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(with_logits.memory_state),
+                                      np.asarray(without.memory_state))

@@ -15,16 +15,17 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
+from deltamem_jax.data.tokenizer import load_tokenizer
 from deltamem_jax.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from deltamem_jax.utils.sharding import logical_rules
 from deltamem_jax.training import loop, settings
 from deltamem_jax.training.state import (abstract_train_state, init_params, init_train_state,
                                          load_frozen)
 
+from tiny_train_config import get_config
+
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-from tiny_train_config import get_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,11 @@ def data(tmp_path_factory):
 
 
 def tiny(data, **overrides):
+    """The tiny config with ``overrides`` (dotted names), resolved into typed settings."""
+    return settings.resolve(tiny_config(data, **overrides))
+
+
+def tiny_config(data, **overrides):
     c = get_config()
     c.data.train = str(data / "train.jsonl")
     for dotted, value in overrides.items():
@@ -51,7 +57,7 @@ def one_step(config, devices):
     """(loss, params after one step, frozen before, frozen after) on ``devices``."""
     s = loop.setup(config, devices=devices)
     with jax.set_mesh(s.mesh), logical_rules(s.rules):
-        loader = loop.make_loader(s, config.data.train, loop._tokenizer(config))
+        loader = loop.make_loader(s, config.data.train, load_tokenizer(config.tokenizer_spec))
         frozen = load_frozen(s.plan, "", 0)
         before = jax.device_get(frozen)
         state = init_train_state(s.plan, init_params(s.plan, frozen, 1), s.tx, 1, s.shardings)
@@ -66,7 +72,7 @@ def test_sharded_step_equals_single_device(data):
     # lr/eps. A larger eps keeps the comparison about the sharded computation itself.
     config = tiny(data, **{"optim.eps": 1e-3})
     loss1, params1, before1, _, _ = one_step(config, jax.devices()[:1])
-    config.mesh.shape = (2, 2, 2)
+    config = tiny(data, **{"optim.eps": 1e-3, "mesh.shape": (2, 2, 2)})
     loss8, params8, before8, after8, state8 = one_step(config, jax.devices())
     assert abs(loss1 - loss8) <= 1e-5 * max(1.0, abs(loss1))
     for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params8)):
@@ -232,7 +238,7 @@ def test_bad_records_are_counted_and_skipped(data, tmp_path, caplog):
     c = tiny(data, **{"data.train": str(path)})
     s = loop.setup(c)
     with caplog.at_level("WARNING"):
-        loader = loop.make_loader(s, str(path), loop._tokenizer(c))
+        loader = loop.make_loader(s, str(path), load_tokenizer(c.tokenizer_spec))
     assert len(loader.source) == len(lines)
     text = " ".join(r.getMessage() for r in caplog.records)
     assert "skipped" in text and "reply_too_long" in text

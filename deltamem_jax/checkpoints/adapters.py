@@ -13,17 +13,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from typing import Optional
 
 import jax
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from deltamem_jax.memory.layer import DeltaMemory, MemoryParam
 from deltamem_jax.memory.config import DELTA_HEADS, DeltaMemConfig
 from deltamem_jax.models.decoder import DecoderLM
+from deltamem_jax.utils.atomic import atomic_directory
+from deltamem_jax.utils.files import FileFormatError, file_errors, read_json, read_safetensors
 
 CONFIG_FILE = "delta_mem_config.json"
 SAFETENSORS_FILE = "delta_mem_adapter.safetensors"
@@ -39,15 +40,18 @@ def read_adapter_config(path: str, **overrides) -> DeltaMemConfig:
     file = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no {CONFIG_FILE} in adapter directory {path!r}")
-    with open(file) as f:
-        return DeltaMemConfig.from_authors_dict(json.load(f), **overrides)
+    data = read_json(file, "the δ-mem adapter config")
+    if not isinstance(data, dict):
+        raise FileFormatError(f"{file}: the δ-mem adapter config must be a JSON object")
+    with file_errors(file, "the δ-mem adapter config"):
+        return DeltaMemConfig.from_authors_dict(data, **overrides)
 
 
 def read_adapter_tensors(path: str) -> dict[str, np.ndarray]:
     """All tensors of an adapter as float32 numpy arrays (safetensors preferred)."""
     st = os.path.join(path, SAFETENSORS_FILE)
     if os.path.isfile(st):
-        return {k: np.asarray(v, np.float32) for k, v in load_file(st).items()}
+        return {k: np.asarray(v, np.float32) for k, v in read_safetensors(st).items()}
     pt = os.path.join(path, TORCH_FILE)
     if os.path.isfile(pt):
         try:
@@ -55,7 +59,8 @@ def read_adapter_tensors(path: str) -> dict[str, np.ndarray]:
         except ImportError as e:
             raise ImportError(f"{pt} is a torch file; install torch (pip install "
                               f"'deltamem-jax[torch]') or provide {SAFETENSORS_FILE}") from e
-        state = torch.load(pt, map_location="cpu", weights_only=True)
+        with file_errors(pt, "the torch adapter state dict"):
+            state = torch.load(pt, map_location="cpu", weights_only=True)
         return {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}
     raise FileNotFoundError(f"adapter directory {path!r} has neither {SAFETENSORS_FILE} "
                             f"nor {TORCH_FILE}")
@@ -166,36 +171,22 @@ def adapter_tensors(model: DecoderLM, prefix: str = "model.") -> dict[str, np.nd
 
 
 def save_adapter(model: DecoderLM, path: str, *, torch_format: Optional[bool] = None) -> None:
-    """Write the adapter in the authors' format, atomically (a temp dir, then rename).
+    """Write the adapter in the authors' format, atomically (the directory is swapped in whole).
 
     Always writes safetensors; also ``delta_mem_adapter.pt`` when torch is
     importable (``torch_format=None``) or when asked (``True``).
     """
     tensors = adapter_tensors(model)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
-    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-        json.dump(model.memory_config.to_authors_dict(), f, indent=2)
-    save_file(tensors, os.path.join(tmp, SAFETENSORS_FILE))
-    if torch_format is not False:
-        try:
-            import torch
-        except ImportError:
-            if torch_format:
-                raise
-        else:
-            torch.save({k: torch.from_numpy(v.copy()) for k, v in tensors.items()},
-                       os.path.join(tmp, TORCH_FILE))
-    if os.path.isdir(path):
-        old = path + ".old"
-        os.replace(path, old)
-        os.replace(tmp, path)
-        _rmtree(old)
-    else:
-        os.replace(tmp, path)
-
-
-def _rmtree(path):
-    import shutil
-    shutil.rmtree(path, ignore_errors=True)
+    with atomic_directory(path) as tmp:
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(model.memory_config.to_authors_dict(), f, indent=2)
+        save_file(tensors, os.path.join(tmp, SAFETENSORS_FILE))
+        if torch_format is not False:
+            try:
+                import torch
+            except ImportError:
+                if torch_format:
+                    raise
+            else:
+                torch.save({k: torch.from_numpy(v.copy()) for k, v in tensors.items()},
+                           os.path.join(tmp, TORCH_FILE))

@@ -9,7 +9,6 @@ same layout back.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -20,13 +19,14 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from deltamem_jax.checkpoints.gguf import GGUFCheckpoint, is_gguf_path
 from deltamem_jax.memory.config import DeltaMemConfig
 from deltamem_jax.models.config import DecoderConfig
 from deltamem_jax.models.decoder import DecoderLM
+from deltamem_jax.utils.atomic import atomic_file, atomic_write_json
+from deltamem_jax.utils.files import FileFormatError, file_errors, open_safetensors, read_json
 from deltamem_jax.utils.sharding import Rules, state_shardings
 
 log = logging.getLogger(__name__)
@@ -105,15 +105,17 @@ class SafetensorsDir:
             raise FileNotFoundError(f"model directory {path!r} does not exist")
         index = os.path.join(path, INDEX_FILE)
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            data = read_json(index, "the safetensors index")
+            if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
+                raise FileFormatError(f"{index}: a safetensors index needs a 'weight_map' object")
+            weight_map = data["weight_map"]
         else:
             files = sorted(x for x in os.listdir(path) if x.endswith(".safetensors"))
             if not files:
                 raise FileNotFoundError(f"no *.safetensors files in {path!r}")
             weight_map = {}
             for file in files:
-                with safe_open(os.path.join(path, file), "np") as f:
+                with open_safetensors(os.path.join(path, file)) as f:
                     weight_map.update({k: file for k in f.keys()})
         self.path = path
         self.weight_map: dict[str, str] = weight_map
@@ -130,8 +132,9 @@ class SafetensorsDir:
             full = os.path.join(self.path, file)
             if not os.path.isfile(full):
                 raise FileNotFoundError(f"{INDEX_FILE} names {file!r}, which is missing")
-            self._handles[file] = safe_open(full, "np")
-        return self._handles[file].get_tensor(name)
+            self._handles[file] = open_safetensors(full)
+        with file_errors(os.path.join(self.path, file), f"tensor {name!r}"):
+            return self._handles[file].get_tensor(name)
 
 
 def read_backbone_state(path, config: DecoderConfig, abstract_state: nnx.State,
@@ -277,13 +280,9 @@ def save_hf_model(model: DecoderLM, path: str, *, max_shard_bytes: int = 2 << 30
 
 
 def _atomic_save(tensors, file):
-    tmp = file + ".tmp"
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, file)
+    with atomic_file(file) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
 
 
 def _atomic_json(obj, file):
-    tmp = file + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, file)
+    atomic_write_json(file, obj)

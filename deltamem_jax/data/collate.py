@@ -12,7 +12,11 @@ import numpy as np
 
 from deltamem_jax.data.episodes import IGNORE_INDEX, VIEWS, Episode
 
-__all__ = ["VIEW_CODES", "BATCH_KEYS", "check_buckets", "geometric_buckets", "bucket_length", "collate"]
+__all__ = ["VIEW_CODES", "BATCH_KEYS", "MIN_BUCKET", "check_buckets", "geometric_buckets",
+           "bucket_length", "power_of_two_bucket", "collate"]
+
+#: The shortest padded length of a pass (shorter rows are padded up to it).
+MIN_BUCKET = 16
 
 #: Integer code of each view in a batch's ``view`` array.
 VIEW_CODES = {v: i for i, v in enumerate(VIEWS)}
@@ -37,6 +41,18 @@ def geometric_buckets(max_length: int, count: int = 4, multiple: int = 8) -> lis
     for k in range(1, count):
         out.add(min(max_length, -(-max(1, max_length >> k) // multiple) * multiple))
     return sorted(out)
+
+
+def power_of_two_bucket(n: int, cap: int | None = None, minimum: int = MIN_BUCKET) -> int:
+    """The padded length of a pass over ``n`` tokens: the next power of two ≥ max(n, minimum),
+    capped at ``cap`` (``n`` must not exceed it). Evaluation, sessions and serving pad this
+    way, so a handful of shapes reach the compiler."""
+    if cap is not None and n > cap:
+        raise ValueError(f"a row of {n} tokens exceeds the cap {cap}")
+    b = max(int(minimum), 1)
+    while b < n:
+        b *= 2
+    return b if cap is None else min(b, int(cap))
 
 
 def bucket_length(longest: int, buckets: Sequence[int], name: str = "buckets") -> int:

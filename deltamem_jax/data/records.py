@@ -13,6 +13,8 @@ import logging
 import os
 from typing import Any, Iterable, Optional
 
+from deltamem_jax.utils.files import FileFormatError, file_errors
+
 __all__ = ["ROLES", "record_problem", "clean_records", "load_records", "warn_skipped"]
 
 log = logging.getLogger(__name__)
@@ -73,14 +75,15 @@ def clean_records(
 def _read_json_file(path: str, counts: collections.Counter) -> list[Any]:
     # stdlib, not `datasets`: Arrow schema inference rejects mixed types, which
     # is exactly what a bad record looks like, and we must skip it, not crash.
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with file_errors(path, "chat records (UTF-8 JSON / JSON lines)"):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     stripped = text.lstrip()
     if path.endswith(".json") and stripped.startswith("["):
         try:
             return list(json.loads(text))
         except json.JSONDecodeError as e:
-            raise ValueError(f"load_records: {path!r} is not valid JSON: {e}") from e
+            raise FileFormatError(f"{path}: not valid JSON: {e}") from e
     rows = []
     for line in text.splitlines():
         if not line.strip():

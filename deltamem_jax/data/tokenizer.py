@@ -27,6 +27,8 @@ __all__ = [
     "save_byte_tokenizer_marker",
     "BYTE_TOKENIZER_MARKER",
     "MAX_TEMPLATE_ROLLBACK",
+    "THINKING_OFF_FAMILIES",
+    "family_template_kwargs",
 ]
 
 Message = Mapping[str, str]
@@ -282,6 +284,22 @@ class HFTokenizer(Tokenizer):
         return ChatTokens(
             ids=np.asarray(ids, dtype=np.int32), message_index=owner_arr, content_spans=tuple(spans)
         )
+
+
+#: Model families whose chat templates default to a thinking mode that the δ-mem authors turn
+#: off (``enable_thinking=False``) in training and evaluation alike.
+THINKING_OFF_FAMILIES = ("qwen3", "qwen3_moe", "smollm3")
+
+
+def family_template_kwargs(model_type: str | None) -> dict[str, Any]:
+    """The chat-template keywords the authors pass for a backbone family (from its config's
+    ``model_type``, not its path): thinking off for Qwen3 and SmolLM3, nothing otherwise.
+
+    Templates that do not read ``enable_thinking`` (Qwen3-*-Instruct-2507) render the same
+    text with or without it, which is what the authors' path-based rule gives them. Their
+    rule passes nothing for Qwen3 *Thinking* checkpoints: override with ``{}`` there.
+    """
+    return {"enable_thinking": False} if model_type in THINKING_OFF_FAMILIES else {}
 
 
 #: A model directory holding this file (``{"type": "byte"}``) uses :class:`ByteTokenizer`.

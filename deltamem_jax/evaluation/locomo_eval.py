@@ -40,10 +40,15 @@ from deltamem_jax.evaluation.prompts import (
     write_memory,
     write_segment,
 )
-from deltamem_jax.evaluation.scoring import LOCOMO_SCORED_CATEGORIES, locomo_summary_row, score_locomo
+from deltamem_jax.evaluation.scoring import (
+    LOCOMO_SCORED_CATEGORIES,
+    locomo_summary_row,
+    score_locomo,
+)
 from deltamem_jax.models.functional import Runner
 
-__all__ = ["SETTINGS", "locomo_write_segment", "fit_full_context", "evaluate_locomo", "to_report_rows"]
+__all__ = ["SETTINGS", "locomo_write_segment", "fit_full_context", "setting_messages",
+           "evaluate_locomo", "to_report_rows"]
 
 
 def _system(system_prompt: Optional[str]) -> list[dict]:
@@ -87,6 +92,29 @@ def fit_full_context(tokenizer: Tokenizer, conversation: L.LocomoConversation,
         else:
             lo = mid + 1
     return dataclasses.replace(conversation, sessions=conversation.sessions[lo:])
+
+
+def setting_messages(tokenizer: Tokenizer, conversation: L.LocomoConversation,
+                     question: L.LocomoQuestion, setting: str, recent_window_tokens: int = 0, *,
+                     max_context_tokens: Optional[int] = None, system_prompt: Optional[str] = None,
+                     order: str = "latest_first") -> tuple[list[dict], Optional[list[dict]]]:
+    """(prompt messages, messages written into memory first or None) of one question under
+    ``setting``, exactly as :func:`evaluate_locomo` builds them (for ``print_prompt``)."""
+    if setting == "no_memory":
+        return _system(system_prompt) + [{"role": "user", "content": L.question_prompt(question)}], None
+    if setting == "delta_mem":
+        recent = ""
+        if recent_window_tokens:
+            ids = tokenizer.encode(L.render_conversation(conversation, order="chronological"))
+            recent = tokenizer.decode(ids[-recent_window_tokens:]).strip() + "\n\n"
+        written = _system(system_prompt) + L.session_messages(conversation)
+        return _system(system_prompt) + [{"role": "user", "content": recent + L.question_prompt(question)}], written
+    if setting == "full_context":
+        if max_context_tokens is not None:
+            conversation = fit_full_context(tokenizer, conversation, [question], max_context_tokens,
+                                            system_prompt=system_prompt, order=order)
+        return _full_messages(conversation, question, system_prompt, order), None
+    raise ValueError(f"memory_only LoCoMo has no setting {setting!r} (settings: {SETTINGS})")
 
 
 def evaluate_locomo(runner: Runner, tokenizer: Tokenizer, conversations: Sequence[L.LocomoConversation],

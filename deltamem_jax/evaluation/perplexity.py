@@ -1,10 +1,10 @@
 """Held-out loss of each record's final assistant reply, with and without memory.
 
-* ``with_memory``: the training episode form (SPEC §3): the history (tail of
+* ``delta_mem``: the training episode form (SPEC §3): the history (tail of
   ``max_write_length`` tokens) is written from a fresh state in one pass, then a
   read-only pass over the recent turn(s) + the reply (tail of ``max_length``);
   cross-entropy on the reply tokens.
-* ``without_memory``: the same read segment from a zero state (nothing written).
+* ``no_memory``: the same read segment from a zero state (nothing written).
 * ``full_context``: the whole conversation up to and including the reply in one
   pass (tail of ``max_write_length + max_length`` tokens), memory off.
 
@@ -14,22 +14,14 @@ reply token is predicted from the last prompt token); ``ppl = exp(loss)``.
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from deltamem_jax.data.episodes import (
-    IGNORE_INDEX,
-    EpisodeConfig,
-    EpisodeError,
-    build_episode,
-    target_indices,
-)
-from deltamem_jax.data.records import record_problem
-from deltamem_jax.data.tokenizer import TemplateError, Tokenizer
+from deltamem_jax.data.episodes import IGNORE_INDEX, EpisodeConfig, build_episode, target_indices
+from deltamem_jax.data.tokenizer import Tokenizer
 from deltamem_jax.evaluation.prompts import (
     MIN_BUCKET,
     WriteSegment,
@@ -41,6 +33,7 @@ from deltamem_jax.evaluation.prompts import (
     pad_rows,
     progress_bar,
     span_granularity,
+    usable_examples,
     write_memory,
 )
 from deltamem_jax.models.functional import Runner
@@ -49,7 +42,7 @@ __all__ = ["PPL_SETTINGS", "full_context_example", "evaluate_perplexity", "to_re
 
 log = logging.getLogger(__name__)
 
-PPL_SETTINGS = ("with_memory", "without_memory", "full_context")
+PPL_SETTINGS = ("delta_mem", "no_memory", "full_context")
 
 
 def full_context_example(tokenizer: Tokenizer, messages, target_index: int, max_tokens: int):
@@ -64,38 +57,31 @@ def evaluate_perplexity(runner: Runner, tokenizer: Tokenizer, records: Iterable[
                         batch_size: int = 8, max_write_length: int = 8192, max_length: int = 512,
                         recent_messages: int = 1, settings: Sequence[str] = PPL_SETTINGS,
                         min_bucket: int = MIN_BUCKET, progress: bool = True) -> dict:
-    """``{setting: {"loss", "ppl", "tokens", "n"}}`` for ``with_memory``,
-    ``without_memory`` and ``full_context`` (see the module doc). Records whose
-    episode cannot be built (e.g. a reply longer than ``max_length``) are skipped
-    with one warning."""
+    """``{setting: {"loss", "ppl", "tokens", "n", "per_example"}}`` for
+    ``delta_mem``, ``no_memory`` and ``full_context`` (see the module doc). Records whose
+    episode cannot be built (e.g. a reply longer than ``max_length``) are skipped with one
+    warning; ``per_example`` holds (record index, nll sum, tokens) of each usable record."""
     settings = tuple(settings)
     bad = [s for s in settings if s not in PPL_SETTINGS]
     if bad or not settings:
         raise ValueError(f"settings must be a non-empty subset of {PPL_SETTINGS}, got {settings}")
-    if "with_memory" in settings and not has_memory(runner):
-        raise ValueError("the with_memory setting needs a model with δ-mem attached")
+    if "delta_mem" in settings and not has_memory(runner):
+        raise ValueError("the delta_mem setting needs a model with δ-mem attached")
     span = span_granularity(runner)
     cfg = EpisodeConfig(max_length=max_length, max_write_length=max_write_length,
                         recent_messages=recent_messages, sentence_ids=span == "sentence_mean")
-    episodes, fulls, skipped = [], [], collections.Counter()
-    for rec in records:
-        problem = record_problem(rec)
-        if problem is not None:
-            skipped[problem] += 1
-            continue
+    def build(index, rec):
         msgs = rec["messages"]
         t = target_indices(msgs, "final")[0]
-        try:
-            episodes.append(build_episode(tokenizer, msgs, t, cfg, "memory"))
-            fulls.append(full_context_example(tokenizer, msgs, t, max_write_length + max_length))
-        except EpisodeError as e:
-            skipped[e.reason] += 1
-        except TemplateError:
-            skipped["template_not_prefix_stable"] += 1
-    if skipped:
-        log.warning("evaluate_perplexity: skipped %d record(s): %s", sum(skipped.values()), dict(skipped))
+        return dict(index=index, episode=build_episode(tokenizer, msgs, t, cfg, "memory"),
+                    full=full_context_example(tokenizer, msgs, t, max_write_length + max_length))
+
+    usable, _ = usable_examples(records, build, "evaluate_perplexity")
+    episodes, fulls = [u["episode"] for u in usable], [u["full"] for u in usable]
+    where = [u["index"] for u in usable]
 
     totals = {s: [0.0, 0] for s in settings}
+    per = {s: [] for s in settings}
     bar = progress_bar(len(episodes), "perplexity", progress)
     try:
         for idx in batches(len(episodes), batch_size):
@@ -117,7 +103,7 @@ def evaluate_perplexity(runner: Runner, tokenizer: Tokenizer, records: Iterable[
                 else:
                     ids, mask, labels = read_batch([(e.read_ids, e.labels) for e in eps])
                     state = None
-                    if s == "with_memory":
+                    if s == "delta_mem":
                         segs = [WriteSegment(e.write_ids, e.write_message_ids, e.write_sentence_ids)
                                 for e in eps]
                         state = write_memory(runner, fill_batch(segs, batch_size),
@@ -125,6 +111,8 @@ def evaluate_perplexity(runner: Runner, tokenizer: Tokenizer, records: Iterable[
                                              min_bucket=min_bucket)
                     nll, cnt = nll_sums(runner, ids, mask, labels, memory_state=state,
                                         use_memory=has_memory(runner))
+                per[s].extend((where[i], float(a), int(b)) for i, a, b in
+                              zip(idx, nll[: batch_size - pad], cnt[: batch_size - pad]))
                 totals[s][0] += float(nll[: batch_size - pad].sum())
                 totals[s][1] += int(cnt[: batch_size - pad].sum())
             bar.update(len(eps))
@@ -136,10 +124,10 @@ def evaluate_perplexity(runner: Runner, tokenizer: Tokenizer, records: Iterable[
         total, count = totals[s]
         loss = total / count if count else float("nan")
         out[s] = {"loss": loss, "ppl": math.exp(loss) if count else float("nan"),
-                  "tokens": count, "n": len(episodes)}
+                  "tokens": count, "n": len(episodes), "per_example": per[s]}
     return out
 
 
 def to_report_rows(result: dict) -> dict:
     """``{setting: {"loss", "ppl", "tokens", "n"}}`` for :func:`report.write_report`."""
-    return {s: dict(m) for s, m in result.items()}
+    return {s: {k: v for k, v in m.items() if k != "per_example"} for s, m in result.items()}

@@ -11,6 +11,7 @@ Memory states have the model's layout ``[L_mem, B, H, r, r]`` (batch on axis 1).
 
 from __future__ import annotations
 
+import collections
 import functools
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Mapping, Optional, Sequence
@@ -23,9 +24,9 @@ from flax import nnx
 from deltamem_jax.data.sentences import chat_sentence_ids
 from deltamem_jax.data.tokenizer import Tokenizer
 from deltamem_jax.inference.generation import SamplingConfig, generate
-from deltamem_jax.training.losses import causal_lm_loss
 from deltamem_jax.models.cache import KVCache
 from deltamem_jax.models.functional import Runner
+from deltamem_jax.training.losses import causal_lm_loss
 
 __all__ = [
     "SETTINGS",
@@ -41,11 +42,11 @@ __all__ = [
     "chunk_segment",
     "has_memory",
     "span_granularity",
-    "zero_memory_state",
     "take_rows",
     "write_memory",
     "generate_texts",
     "nll_sums",
+    "usable_examples",
 ]
 
 #: The evaluation settings: history dropped / history written into δ-mem / history in the prompt.
@@ -118,6 +119,38 @@ def render_prompt(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]],
     if len(ids) == 0:
         raise ValueError("empty prompt")
     return ids
+
+
+# --------------------------------------------------------------------------- records
+
+def usable_examples(records, build: Callable[[int, dict], dict], what: str
+                    ) -> tuple[list[dict], "collections.Counter"]:
+    """``build(index, record)`` for every usable chat record; the rest counted per reason
+    (bad record, episode that cannot be built, template not prefix-stable) with one warning."""
+    import collections
+    import logging
+
+    from deltamem_jax.data.episodes import EpisodeError
+    from deltamem_jax.data.records import record_problem
+    from deltamem_jax.data.tokenizer import TemplateError
+
+    skipped: collections.Counter = collections.Counter()
+    out: list[dict] = []
+    for index, rec in enumerate(records):
+        problem = record_problem(rec)
+        if problem is not None:
+            skipped[problem] += 1
+            continue
+        try:
+            out.append(build(index, rec))
+        except EpisodeError as e:
+            skipped[e.reason] += 1
+        except TemplateError:
+            skipped["template_not_prefix_stable"] += 1
+    if skipped:
+        logging.getLogger(__name__).warning("%s: skipped %d record(s): %s", what,
+                                            sum(skipped.values()), dict(skipped))
+    return out, skipped
 
 
 # --------------------------------------------------------------------------- writes
@@ -201,26 +234,11 @@ def span_granularity(runner: Runner) -> Optional[str]:
     return None if g == "token" else g
 
 
-def zero_memory_state(runner: Runner, batch_size: int) -> jax.Array:
-    c = runner.memory_config
-    return jnp.zeros((len(runner.memory_layers), batch_size, c.num_state_heads, c.rank, c.rank),
-                     jnp.float32)
-
-
 def take_rows(state: Optional[jax.Array], rows: Sequence[int]) -> Optional[jax.Array]:
     """Rows (batch axis 1) of a memory state."""
     if state is None:
         return None
     return jnp.take(state, jnp.asarray(list(rows), jnp.int32), axis=1)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _write_with_cache(graphdef, state, ids, mask, memory_state, cache, message_ids, sentence_ids):
-    """A writing pass that also extends the KV cache; the logits are never materialised."""
-    model = nnx.merge(graphdef, state)
-    out = model(ids, attention_mask=mask, memory_state=memory_state, cache=cache, write=True,
-                use_memory=True, message_ids=message_ids, sentence_ids=sentence_ids)
-    return out.memory_state, out.cache
 
 
 def write_memory(runner: Runner, segments: Sequence[WriteSegment], *, max_write_length: int,
@@ -244,7 +262,7 @@ def write_memory(runner: Runner, segments: Sequence[WriteSegment], *, max_write_
         rows = [chunk_segment(segments[i], max_write_length) for i in idx]
         n_real = len(rows)
         rows = fill_batch(rows, batch_size)
-        mem = zero_memory_state(runner, batch_size)
+        mem = runner.init_memory_state(batch_size)
         steps = max(len(r) for r in rows)
         lengths = [bucket(max(len(r[k]) if k < len(r) else 0 for r in rows), cap=max_write_length,
                           minimum=min_bucket)
@@ -262,21 +280,18 @@ def write_memory(runner: Runner, segments: Sequence[WriteSegment], *, max_write_
                 msg, _ = pad_rows([c.message_ids for c in chunk], lengths[k], -1, "right")
                 if span == "sentence_mean":
                     sent, _ = pad_rows([c.sentence_ids for c in chunk], lengths[k], -1, "right")
-            if cache is not None:
-                mem, cache = _write_with_cache(
-                    runner.graphdef, runner.state, jnp.asarray(ids), jnp.asarray(mask), mem, cache,
-                    None if msg is None else jnp.asarray(msg),
-                    None if sent is None else jnp.asarray(sent))
-            elif mask.any():
-                mem = runner(jnp.asarray(ids), attention_mask=jnp.asarray(mask), memory_state=mem,
-                             write=True, use_memory=True, compute_logits=False,
+            if cache is not None or mask.any():
+                # with a cache every layer runs (the cache stays complete); logits never do
+                fed = runner(jnp.asarray(ids), attention_mask=jnp.asarray(mask), memory_state=mem,
+                             cache=cache, write=True, use_memory=True, compute_logits=False,
                              message_ids=None if msg is None else jnp.asarray(msg),
-                             sentence_ids=None if sent is None else jnp.asarray(sent)).memory_state
+                             sentence_ids=None if sent is None else jnp.asarray(sent))
+                mem, cache = fed.memory_state, fed.cache
         out.append(mem[:, :n_real])
         if on_batch is not None:
             on_batch(n_real)
     if not out:
-        return zero_memory_state(runner, 0)
+        return runner.init_memory_state(0)
     return jnp.concatenate(out, axis=1)
 
 
@@ -305,7 +320,7 @@ def generate_texts(runner: Runner, tokenizer: Tokenizer, prompts: Sequence[np.nd
         ids, mask = pad_rows(rows, length, tokenizer.pad_id, "left")
         mem = None
         if use_memory:
-            mem = (zero_memory_state(runner, batch_size) if memory_state is None
+            mem = (runner.init_memory_state(batch_size) if memory_state is None
                    else take_rows(memory_state, fill_batch(list(idx), batch_size)))
         gen = generate(runner, jnp.asarray(ids), prompt_mask=jnp.asarray(mask), memory_state=mem,
                        write=write, use_memory=use_memory, sampling=sampling, eos_ids=stops,
@@ -336,7 +351,7 @@ def nll_sums(runner: Runner, ids: np.ndarray, mask: np.ndarray, labels: np.ndarr
     read-only pass (HF shift, −100 ignored); logits never leave the device."""
     use_memory = bool(use_memory and has_memory(runner))
     if use_memory and memory_state is None:
-        memory_state = zero_memory_state(runner, ids.shape[0])
+        memory_state = runner.init_memory_state(ids.shape[0])
     s, c = _nll_sums(runner.graphdef, runner.state, jnp.asarray(ids), jnp.asarray(mask),
                      jnp.asarray(labels), memory_state if use_memory else None,
                      use_memory=use_memory)

@@ -25,15 +25,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from deltamem_jax.data.episodes import (
-    EpisodeConfig,
-    EpisodeError,
-    build_episode,
-    split_prefix,
-    target_indices,
-)
-from deltamem_jax.data.records import record_problem
-from deltamem_jax.data.tokenizer import TemplateError, Tokenizer
+from deltamem_jax.data.episodes import EpisodeConfig, build_episode, split_prefix, target_indices
+from deltamem_jax.data.tokenizer import Tokenizer
 from deltamem_jax.evaluation.prompts import (
     MIN_BUCKET,
     SETTINGS,
@@ -43,6 +36,7 @@ from deltamem_jax.evaluation.prompts import (
     progress_bar,
     render_prompt,
     span_granularity,
+    usable_examples,
     write_memory,
 )
 from deltamem_jax.evaluation.scoring import exact_match, token_f1
@@ -67,34 +61,20 @@ def prepare_recall(tokenizer: Tokenizer, records: Iterable[Any], *, max_write_le
     # the read segment is not used here: a huge max_length keeps build_episode from rejecting long replies
     cfg = EpisodeConfig(max_length=1 << 30, max_write_length=max_write_length,
                         recent_messages=recent_messages, sentence_ids=sentence_ids)
-    skipped: collections.Counter = collections.Counter()
-    out: list[dict] = []
-    for index, rec in enumerate(records):
-        problem = record_problem(rec)
-        if problem is not None:
-            skipped[problem] += 1
-            continue
+    def build(index, rec):
         msgs = rec["messages"]
         t = target_indices(msgs, "final")[0]
         system, _, visible = split_prefix(msgs, t, recent_messages)
-        try:
-            ep = build_episode(tokenizer, msgs, t, cfg, "memory")
-            short = render_prompt(tokenizer, [msgs[i] for i in system + visible], max_length)
-            full = render_prompt(tokenizer, msgs[:t], max_context_length)
-        except EpisodeError as e:
-            skipped[e.reason] += 1
-            continue
-        except TemplateError:
-            skipped["template_not_prefix_stable"] += 1
-            continue
-        question = next((msgs[i]["content"] for i in reversed(range(t)) if msgs[i]["role"] == "user"), "")
-        out.append(dict(
-            index=index, question=question, reference=msgs[t]["content"].strip(),
-            short_prompt=short, full_prompt=full,
-            write=WriteSegment(ep.write_ids, ep.write_message_ids, ep.write_sentence_ids)))
-    if skipped:
-        log.warning("evaluate_recall: skipped %d record(s): %s", sum(skipped.values()), dict(skipped))
-    return out, skipped
+        ep = build_episode(tokenizer, msgs, t, cfg, "memory")
+        short = render_prompt(tokenizer, [msgs[i] for i in system + visible], max_length)
+        full = render_prompt(tokenizer, msgs[:t], max_context_length)
+        question = next((msgs[i]["content"] for i in reversed(range(t))
+                         if msgs[i]["role"] == "user"), "")
+        return dict(index=index, question=question, reference=msgs[t]["content"].strip(),
+                    short_prompt=short, full_prompt=full,
+                    write=WriteSegment(ep.write_ids, ep.write_message_ids, ep.write_sentence_ids))
+
+    return usable_examples(records, build, "evaluate_recall")
 
 
 def evaluate_recall(runner: Runner, tokenizer: Tokenizer, records: Iterable[Any], *,

@@ -42,6 +42,11 @@ __all__ = [
     "score_locomo",
     "aggregate_by_category",
     "locomo_summary_row",
+    "canonicalize_locomo_prediction",
+    "authors_locomo_f1",
+    "authors_locomo_multi_answer_f1",
+    "score_locomo_authors",
+    "summarize_locomo_authors",
 ]
 
 #: Category ids of the public LoCoMo file -> reasoning type (LoCoMo paper).
@@ -259,3 +264,84 @@ def locomo_summary_row(
     row["overall"] = aggregate["overall"]
     row["n"] = aggregate["n"]
     return row
+
+
+# --------------------------------------------------------------------------
+# LoCoMo, the δ-mem authors' release exactly (locomo_protocol.py); these differ from the
+# scorers above in edge cases: an empty prediction or gold scores 0 (not 1 when both are
+# empty), category 1 drops empty comma parts, predictions are canonicalised by plain
+# substring deletion (which can eat letters inside words: "(samba)" -> "(samb").
+# --------------------------------------------------------------------------
+
+def canonicalize_locomo_prediction(raw: str, category: int,
+                                   options: Optional[Mapping[str, str]] = None) -> str:
+    """The authors' canonical prediction: ``\\"`` -> ``'``, first non-empty line, lowercase,
+    category-5 option mapping, then the substrings "(a)", "(b)", "a)", "b)", "answer:"
+    deleted in that order."""
+    prediction = str(raw).replace('\\"', "'").strip()
+    lines = [line.strip() for line in prediction.splitlines() if line.strip()]
+    if lines:
+        prediction = lines[0]
+    lowered = prediction.lower()
+    if int(category) == 5 and options is not None:
+        if "(a)" in lowered or lowered == "a" or lowered.startswith("a)"):
+            return options["a"]
+        if "(b)" in lowered or lowered == "b" or lowered.startswith("b)"):
+            return options["b"]
+        if "no information available" in lowered or "not mentioned" in lowered:
+            return "No information available"
+    for marker in ("(a)", "(b)", "a)", "b)", "answer:"):
+        lowered = lowered.replace(marker, "")
+    return lowered.strip()
+
+
+def authors_locomo_f1(prediction: object, gold: object) -> float:
+    """Stemmed token F1; 0.0 if either side has no token (the authors' rule)."""
+    p, g = locomo_tokens(prediction), locomo_tokens(gold)
+    if not p or not g:
+        return 0.0
+    return f1_from_tokens(p, g)
+
+
+def authors_locomo_multi_answer_f1(prediction: object, gold: object) -> float:
+    """Category 1: comma parts (stripped, empties dropped); mean over gold parts of the best
+    F1 against any predicted part; 0.0 if either list is empty."""
+    preds = [p.strip() for p in str(prediction).split(",") if p.strip()]
+    golds = [g.strip() for g in str(gold).split(",") if g.strip()]
+    if not preds or not golds:
+        return 0.0
+    return sum(max(authors_locomo_f1(p, g) for p in preds) for g in golds) / len(golds)
+
+
+def score_locomo_authors(prediction: str, gold: object, category: int) -> float:
+    """One question's score as the authors compute it, rounded to 4 places."""
+    category = int(category)
+    prediction = str(prediction).strip()
+    if category == 5:
+        low = prediction.lower()
+        return float("no information available" in low or "not mentioned" in low)
+    answer = str(gold)
+    if category == 3:
+        answer = answer.split(";")[0].strip()
+    if category == 1:
+        return round(authors_locomo_multi_answer_f1(prediction, answer), 4)
+    return round(authors_locomo_f1(prediction, answer), 4)
+
+
+def summarize_locomo_authors(records: Iterable[Mapping]) -> dict:
+    """``{"overall_score", "num_questions", "category_scores": {"1": {name, score, count}}}``:
+    micro means of the per-question (already rounded) scores, rounded to 4 places."""
+    sums: Dict[int, float] = {}
+    counts: Dict[int, int] = {}
+    for r in records:
+        c = int(r["category"])
+        sums[c] = sums.get(c, 0.0) + float(r["score"])
+        counts[c] = counts.get(c, 0) + 1
+    n = sum(counts.values())
+    return {
+        "overall_score": 0.0 if n == 0 else round(sum(sums.values()) / n, 4),
+        "num_questions": n,
+        "category_scores": {str(c): {"name": LOCOMO_CATEGORY_NAMES.get(c, "unknown"),
+                                     "score": round(sums[c] / counts[c], 4), "count": counts[c]}
+                            for c in sorted(counts)},
+    }

@@ -114,7 +114,13 @@ _AUTHORS_ORDER = (
 
 @dataclasses.dataclass(frozen=True)
 class DeltaMemConfig:
-    """Every δ-mem setting (SPEC §1–§2). Defaults are the paper's recipe.
+    """Every δ-mem setting (SPEC §1–§2).
+
+    Defaults are the authors' config-class defaults (what their adapters assume
+    for a missing field), except ``delta_heads`` = q,o (the paper's; their class
+    default is q,k,v,o, which :meth:`from_authors_dict` restores for missing
+    fields). Their *training recipe* differs in ``output_init="base_slice_fixed"``:
+    ``deltamem_jax.training.settings.AUTHORS_TRAINING_MEMORY``.
 
     The implementation-only fields at the end (``scan_method``, ``chunk_size``,
     ``max_spans``) choose how the recurrence is computed, never what it computes.

@@ -8,7 +8,6 @@ rather than silently computing something else.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Mapping, Optional
 
@@ -152,8 +151,12 @@ class DecoderConfig:
         file = os.path.join(path, "config.json")
         if not os.path.isfile(file):
             raise FileNotFoundError(f"no config.json in model directory {path!r}")
-        with open(file) as f:
-            return cls.from_hf_dict(json.load(f), **overrides)
+        from deltamem_jax.utils.files import file_errors, read_json
+        data = read_json(file, "the model config")
+        with file_errors(file, "the model config"):
+            if not isinstance(data, dict):
+                raise TypeError("config.json must hold a JSON object")
+            return cls.from_hf_dict(data, **overrides)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A transformers-5 ``config.json`` dict for this architecture."""

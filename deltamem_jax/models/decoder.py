@@ -36,6 +36,12 @@ class DecoderOutput(NamedTuple):
     beta_means: Optional[jax.Array]  # [L_mem]: mean write strength per δ-mem layer
 
 
+def zero_memory_state(num_layers: int, batch_size: int, config: DeltaMemConfig) -> jax.Array:
+    """The fresh δ-mem state of ``num_layers`` layers: zeros ``[L_mem, B, H, r, r]`` float32."""
+    return jnp.zeros((num_layers, batch_size, config.num_state_heads, config.rank, config.rank),
+                     jnp.float32)
+
+
 def _stacked(build, n: int, rngs: nnx.Rngs, *args):
     """``n`` modules from ``build(rngs, *args)`` stacked on a leading ``layers`` axis."""
     @nnx.split_rngs(splits=n)
@@ -119,8 +125,7 @@ class DecoderLM(nnx.Module):
         c = self.memory_config
         if c is None:
             raise ValueError("no δ-mem attached to this model")
-        return jnp.zeros((len(self.memory_layers), batch_size, c.num_state_heads, c.rank, c.rank),
-                         jnp.float32)
+        return zero_memory_state(len(self.memory_layers), batch_size, c)
 
     # forward -------------------------------------------------------------
     def __call__(self, input_ids, *, attention_mask=None, memory_state=None,
@@ -138,8 +143,10 @@ class DecoderLM(nnx.Module):
           message_ids, sentence_ids: ``[B, T]`` span ids for span-mean write modes.
           positions: RoPE positions ``[B, T]``; default = each row's running count
             of real tokens (continuing from the cache).
-          compute_logits: False skips the LM head (and, with a list of layers, every
-            layer after the last δ-mem layer): a write pass whose logits are unused.
+          compute_logits: False skips the LM head: a write pass whose logits are unused.
+            Without a cache, a list of layers also stops after the last δ-mem layer
+            (nothing after it can change the memory); with a cache every layer runs,
+            so the returned cache is complete.
         """
         c = self.config
         input_ids = jnp.asarray(input_ids)
@@ -190,7 +197,7 @@ class DecoderLM(nnx.Module):
             head = (self.embed_tokens[...].T if c.tie_word_embeddings else self.lm_head[...])
             logits = (x @ head.astype(x.dtype)).astype(jnp.float32)
         new_cache = None
-        if cache is not None and compute_logits:
+        if cache is not None:
             new_cache = KVCache(keys, values, kv_static[0],
                                 cache.positions + jnp.sum(valid, axis=1, dtype=jnp.int32),
                                 cache.index + T)
@@ -198,7 +205,9 @@ class DecoderLM(nnx.Module):
 
     def _unrolled(self, x, common, kv_static, memory_state, cache, mem_layers, compute_logits):
         states, betas, keys, values = [], [], [], []
-        last_needed = None if compute_logits else (mem_layers[-1] if mem_layers else -1)
+        last_needed = None
+        if not compute_logits and cache is None:      # later layers cannot change the memory
+            last_needed = mem_layers[-1] if mem_layers else -1
         for i, layer in enumerate(self.layers):
             slot = mem_layers.index(i) if i in mem_layers else None
             kv = ((None, None) if cache is None else (cache.keys[i], cache.values[i])) + kv_static

@@ -15,7 +15,7 @@ import jax
 from flax import nnx
 
 from deltamem_jax.models.cache import KVCache
-from deltamem_jax.models.decoder import DecoderLM, DecoderOutput
+from deltamem_jax.models.decoder import DecoderLM, DecoderOutput, zero_memory_state
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "write", "use_memory", "compute_logits"))
@@ -41,6 +41,17 @@ class Runner:
 
     def model(self) -> DecoderLM:
         return nnx.merge(self.graphdef, self.state)
+
+    def init_memory_state(self, batch_size: int) -> jax.Array:
+        """A fresh (zero) δ-mem state ``[L_mem, B, H, r, r]`` (the model's own constructor)."""
+        c = self.memory_config
+        if c is None:
+            raise ValueError("no δ-mem attached to this model")
+        return zero_memory_state(len(self.memory_layers), batch_size, c)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        """An empty KV cache with room for ``max_length`` tokens per row."""
+        return KVCache.init(self.config, batch_size, max_length, dtype)
 
     def __call__(self, input_ids, *, attention_mask=None, memory_state=None, cache=None,
                  write: bool = True, use_memory: bool = True, message_ids=None,

@@ -42,6 +42,7 @@ def train_variant(backbone: str, data_dir: str, workdir: str, *, rank: int, writ
                   seed: int) -> str:
     """Stage 2 of the demo with another rank / write granularity; returns the adapter dir."""
     from deltamem_jax.training import loop
+    from deltamem_jax.training.settings import resolve
     from deltamem_jax.training.defaults import demo_config
     c = demo_config()
     c.model.hf_dir = backbone
@@ -59,7 +60,7 @@ def train_variant(backbone: str, data_dir: str, workdir: str, *, rank: int, writ
     c.checkpoint.every = steps
     c.checkpoint.keep = 1
     c.logging.tensorboard = False
-    loop.train(c, workdir)
+    loop.train(resolve(c), workdir)
     return os.path.join(workdir, "adapter")
 
 

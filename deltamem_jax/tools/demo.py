@@ -100,6 +100,7 @@ def train_backbone(data_dir: str, workdir: str, cfg: DemoConfig) -> str:
 def train_memory(data_dir: str, backbone: str, workdir: str, cfg: DemoConfig) -> dict:
     """Stage 2: δ-mem on the frozen backbone, history only in memory (train.py's loop)."""
     from deltamem_jax.training import loop
+    from deltamem_jax.training.settings import resolve
     from deltamem_jax.training.defaults import demo_config
     c = demo_config()
     c.model.hf_dir = backbone
@@ -111,7 +112,7 @@ def train_memory(data_dir: str, backbone: str, workdir: str, cfg: DemoConfig) ->
     c.optim.learning_rate = cfg.memory_lr
     c.train.log_every = max(1, cfg.memory_steps // 12)
     c.checkpoint.every = max(1, cfg.memory_steps)
-    return loop.train(c, os.path.join(workdir, "memory"))
+    return loop.train(resolve(c), os.path.join(workdir, "memory"))
 
 
 def evaluate(data_dir: str, backbone: str, adapter: str, workdir: str, cfg: DemoConfig,

@@ -22,8 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deltamem_jax.checkpoints.adapters import load_adapter
-from deltamem_jax.checkpoints.hf import load_hf_model
+from deltamem_jax.checkpoints.pretrained import load_pretrained
 from deltamem_jax.training.losses import causal_lm_loss
 from deltamem_jax.memory.layer import MemoryParam
 from deltamem_jax.models.cache import KVCache
@@ -186,10 +185,10 @@ def run_case(fixture_dir: str, case: dict, models: dict) -> CaseResult:
     z = dict(np.load(os.path.join(fixture_dir, case["file"])))
     key = (case["backbone_dir"], case.get("adapter_dir"))
     if key not in models:
-        model = load_hf_model(os.path.join(fixture_dir, case["backbone_dir"]))
-        if case.get("adapter_dir"):
-            load_adapter(model, os.path.join(fixture_dir, case["adapter_dir"]))
-        models[key] = Runner(model)
+        adapter = case.get("adapter_dir")
+        models[key] = Runner(load_pretrained(os.path.join(fixture_dir, case["backbone_dir"]),
+                                             os.path.join(fixture_dir, adapter) if adapter
+                                             else None))
     run = models[key]
     notes = []
     if "state_layers" in z and list(z["state_layers"]) != list(run.memory_layers):

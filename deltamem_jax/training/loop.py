@@ -1,4 +1,7 @@
-"""``train(config, workdir)`` and ``dry_run(config)``: what train.py calls.
+"""``train(settings, workdir)`` and ``dry_run(settings)``: what train.py calls.
+
+Both take the typed :class:`~deltamem_jax.training.settings.TrainSettings`
+(``settings.resolve(config)`` at the entry point), never a ConfigDict.
 
 The loop: plan the model abstractly, load the frozen backbone into its
 shardings, restore or initialise the δ-mem train state, then step through the
@@ -16,18 +19,18 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from deltamem_jax.checkpoints.adapters import save_adapter
 from deltamem_jax.data import EpisodeLoader, EpisodeSet, geometric_buckets, load_records
 from deltamem_jax.data.tokenizer import load_tokenizer
 from deltamem_jax.models.summary import format_counts, parameter_counts
+from deltamem_jax.utils.atomic import atomic_write_json
 from deltamem_jax.utils.sharding import logical_rules
-from deltamem_jax.training import settings
+from deltamem_jax.training.settings import ConfigError, TrainSettings, resolve
 from deltamem_jax.training.checkpointing import Checkpointer
 from deltamem_jax.training.mesh import (batch_axes_size, batch_sharding, build_mesh,
-                                        initialize_distributed, replicated, rules_of)
+                                        initialize_distributed, replicated)
 from deltamem_jax.training.metrics import MetricsLogger
 from deltamem_jax.training.state import (TrainState, abstract_train_state, host_params,
                                          init_params, init_train_state, load_frozen,
@@ -41,7 +44,7 @@ log = logging.getLogger("deltamem_jax.train")
 @dataclasses.dataclass
 class Setup:
     """Everything a run needs, planned before any weight is allocated."""
-    config: ml_collections.ConfigDict
+    settings: TrainSettings
     mesh: jax.sharding.Mesh
     rules: tuple
     plan: object
@@ -51,21 +54,24 @@ class Setup:
     loss_cfg: LossConfig
 
 
-def setup(config: ml_collections.ConfigDict, *, need_data: bool = True, devices=None) -> Setup:
-    settings.validate(config, need_data=need_data)
-    mesh = build_mesh(config, devices)
-    rules = settings_rules = rules_of(config)
-    micro = config.train.batch_size // config.train.grad_accum
-    dp = batch_axes_size(mesh, settings_rules)
-    if micro % dp:
-        raise settings.ConfigError(
-            f"config.train.batch_size: the micro-batch ({micro} = batch_size / grad_accum) must "
-            f"be divisible by the data-parallel size {dp} of mesh {dict(mesh.shape)}")
-    memory = settings.memory_config(config)
-    plan = plan_model(settings.decoder_config(config), memory, mesh, rules)
-    tx, lr = make_optimizer(config, config.train.steps)
-    loss_cfg = LossConfig.of(memory, config.train.sparsity_weight, config.train.sparsity_target)
-    return Setup(config, mesh, rules, plan, tx, lr, state_shardings_of(plan, tx, mesh), loss_cfg)
+def setup(settings: TrainSettings, *, need_data: bool = True, devices=None) -> Setup:
+    """Check ``settings`` (again: cheap) and plan mesh, model, optimiser and shardings."""
+    if not isinstance(settings, TrainSettings):
+        raise TypeError(f"training takes TrainSettings, got {type(settings).__name__}; resolve "
+                        "a config first: deltamem_jax.training.settings.resolve(config)")
+    s = resolve(settings, need_data=need_data)
+    mesh = build_mesh(s.mesh, devices)
+    rules = s.mesh.rules
+    dp = batch_axes_size(mesh, rules)
+    if s.train.micro_batch % dp:
+        raise ConfigError(
+            f"config.train.batch_size: the micro-batch ({s.train.micro_batch} = batch_size / "
+            f"grad_accum) must be divisible by the data-parallel size {dp} of mesh "
+            f"{dict(mesh.shape)}")
+    plan = plan_model(s.decoder(), s.memory, mesh, rules)
+    tx, lr = make_optimizer(s.optim, s.train.steps)
+    return Setup(s, mesh, rules, plan, tx, lr, state_shardings_of(plan, tx, mesh),
+                 LossConfig.of(s))
 
 
 def compile_step(s: Setup):
@@ -77,7 +83,7 @@ def compile_step(s: Setup):
 
 def global_batch(s: Setup, local: dict) -> dict:
     """Host-local rows ``[b, ...]`` → global ``[grad_accum, B / grad_accum, ...]`` arrays."""
-    accum = s.config.train.grad_accum
+    accum = s.settings.train.grad_accum
     out = {}
     for k in MODEL_KEYS:
         x = np.asarray(local[k], np.int32)
@@ -88,10 +94,9 @@ def global_batch(s: Setup, local: dict) -> dict:
 
 
 def make_loader(s: Setup, path: str, tokenizer, *, shuffle: bool = True, epochs=None):
-    c = s.config
-    views = ("memory",) + (("state_only",) if c.data.p_state_only > 0 else ()) + \
-        (("no_memory",) if c.data.p_no_memory > 0 else ())
-    episodes = EpisodeSet(tokenizer, load_records(path), settings.episode_config(c), views=views)
+    """The deterministic, resumable episode stream of ``path`` for this run."""
+    c = s.settings
+    episodes = EpisodeSet(tokenizer, load_records(path), c.episodes(), views=c.data.views)
     return EpisodeLoader(
         episodes, c.train.batch_size, seed=c.train.seed,
         write_buckets=geometric_buckets(c.data.max_write_length, c.data.num_buckets),
@@ -101,23 +106,26 @@ def make_loader(s: Setup, path: str, tokenizer, *, shuffle: bool = True, epochs=
         shuffle=shuffle, epochs=epochs)
 
 
-def _tokenizer(config):
-    tok = load_tokenizer(config.data.tokenizer or config.model.hf_dir)
-    return tok
+def run_tokenizer(settings: TrainSettings):
+    """The run's tokenizer, with the backbone family's chat-template keywords."""
+    kwargs = settings.template_kwargs()
+    return load_tokenizer(settings.tokenizer_spec,
+                          **({"template_kwargs": kwargs} if kwargs is not None else {}))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict:
+def train(settings: TrainSettings, workdir: str, *, devices=None) -> dict:
     """Train δ-mem on a frozen backbone; returns the final summary (also saved as JSON)."""
-    initialize_distributed(config)
-    s = setup(config, devices=devices)
-    c = config
+    if isinstance(settings, TrainSettings):
+        initialize_distributed(settings.distributed)
+    s = setup(settings, devices=devices)
+    c = s.settings
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=c.checkpoint.every,
                         keep=c.checkpoint.keep)
     metrics_log = MetricsLogger(workdir, total_steps=c.train.steps, every=c.train.log_every,
                                 tensorboard=c.logging.tensorboard)
-    tokenizer = _tokenizer(c)
+    tokenizer = run_tokenizer(c)
     if tokenizer.vocab_size > s.plan.decoder.vocab_size:
-        raise settings.ConfigError(
+        raise ConfigError(
             f"config.data.tokenizer: its vocabulary ({tokenizer.vocab_size}) is larger than the "
             f"model's ({s.plan.decoder.vocab_size})")
     with jax.set_mesh(s.mesh), logical_rules(s.rules):
@@ -136,7 +144,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> d
             state = init_train_state(s.plan, params, s.tx, c.train.seed, s.shardings)
         step_fn = compile_step(s)
         step = int(state.step)
-        meta = {"config": c.to_json_best_effort()}
+        meta = {"config": c.to_dict()}
         if jax.process_index() == 0:
             counts = parameter_counts(s.plan.merge(s.plan.abstract_params, s.plan.abstract_frozen))
             log.info("%s", format_counts(counts))
@@ -176,8 +184,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> d
             export_adapter(s, state.params, frozen, os.path.join(workdir, "adapter"))
     metrics_log.close()
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, default=float)
+        atomic_write_json(os.path.join(workdir, "summary.json"), summary, default=float)
         log.info("done: %s", json.dumps({k: v for k, v in summary.items() if k != "final"},
                                          default=float))
     return summary
@@ -201,7 +208,7 @@ def export_adapter(s: Setup, params, frozen, path: str) -> None:
 
 def evaluate_loss(s: Setup, params, frozen, path: str, tokenizer) -> dict:
     """Mean reply cross-entropy and token accuracy on a held-out chat file (memory view)."""
-    c = s.config
+    c = s.settings
     loader = make_loader(s, path, tokenizer, shuffle=False, epochs=1)
     evaluate = jax.jit(make_eval_step(s.plan.graphdef, s.loss_cfg))
     ce = tokens = correct = 0.0
@@ -216,14 +223,14 @@ def evaluate_loss(s: Setup, params, frozen, path: str, tokenizer) -> dict:
     return {"ce": ce / tokens, "accuracy": correct / tokens, "tokens": tokens}
 
 
-def dry_run(config: ml_collections.ConfigDict, *, devices=None) -> dict:
+def dry_run(settings: TrainSettings, *, devices=None) -> dict:
     """Lower and compile the train step for the configured mesh, with no real weights.
 
     Returns (and logs) backbone and δ-mem parameter counts and the per-device
     memory of the compiled step.
     """
-    s = setup(config, need_data=False, devices=devices)
-    c = config
+    s = setup(settings, need_data=False, devices=devices)
+    c = s.settings
     counts = parameter_counts(s.plan.merge(s.plan.abstract_params, s.plan.abstract_frozen))
     with jax.set_mesh(s.mesh), logical_rules(s.rules):
         state = abstract_train_state(s.plan, s.tx, c.train.seed, s.shardings)

@@ -1,4 +1,4 @@
-"""The device mesh and logical-axis rules, from config; multi-host start-up.
+"""The device mesh and logical-axis rules, from the mesh settings; multi-host start-up.
 
 Axis types are always passed explicitly: ``Auto`` (the compiler propagates
 shardings from the annotated parameters and the ``constrain`` hints in model
@@ -11,18 +11,17 @@ import logging
 import math
 
 import jax
-import ml_collections
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from deltamem_jax.training.settings import DistributedSettings, MeshSettings
 from deltamem_jax.utils.sharding import Rules, logical_spec
 
 log = logging.getLogger(__name__)
 
 
-def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+def initialize_distributed(d: DistributedSettings) -> None:
     """``jax.distributed.initialize`` when asked (before anything touches devices)."""
-    d = config.distributed
     if not d.initialize:
         return
     kwargs = {}
@@ -51,17 +50,12 @@ def mesh_shape(shape, n_devices: int) -> tuple[int, ...]:
     return shape
 
 
-def build_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
-    """The mesh of ``config.mesh`` over ``devices`` (default: all, every process)."""
+def build_mesh(mesh: MeshSettings, devices=None) -> jax.sharding.Mesh:
+    """The mesh of ``mesh`` over ``devices`` (default: all, every process)."""
     devices = list(jax.devices() if devices is None else devices)
-    axes = tuple(config.mesh.axes)
-    shape = mesh_shape(config.mesh.shape, len(devices))
-    return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
-
-
-def rules_of(config: ml_collections.ConfigDict) -> Rules:
-    return tuple((name, tuple(t) if isinstance(t, (list, tuple)) else t)
-                 for name, t in config.mesh.rules)
+    shape = mesh_shape(mesh.shape, len(devices))
+    return jax.make_mesh(shape, mesh.axes, axis_types=(AxisType.Auto,) * len(mesh.axes),
+                         devices=devices)
 
 
 def batch_axes_size(mesh: jax.sharding.Mesh, rules: Rules) -> int:

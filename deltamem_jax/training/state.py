@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import nnx
 
@@ -27,6 +26,7 @@ from deltamem_jax.models.config import DecoderConfig
 from deltamem_jax.models.decoder import DecoderLM
 from deltamem_jax.utils.sharding import Rules, state_shardings
 from deltamem_jax.training.mesh import replicated
+from deltamem_jax.training.settings import OptimSettings
 
 
 class TrainState(NamedTuple):
@@ -82,9 +82,8 @@ def init_params(plan: ModelPlan, frozen, seed: int):
     return jax.jit(init, out_shardings=plan.param_shardings)(frozen)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
+def make_optimizer(o: OptimSettings, total_steps: int):
     """AdamW with warm-up then cosine/linear/constant; global-norm clipping. Returns (tx, lr)."""
-    o = config.optim
     warmup = int(math.ceil(o.warmup_ratio * total_steps))
     peak, end = o.learning_rate, o.learning_rate * o.end_lr_ratio
     if o.schedule == "cosine":
@@ -137,17 +136,9 @@ def _copy_abstract(state):
     return jax.tree.map(lambda x: x, state)
 
 
-def count(tree) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-
-
 def host_params(params) -> Any:
     """δ-mem parameters as host numpy arrays on every process (gathered if sharded)."""
     from jax.experimental import multihost_utils
     if jax.process_count() == 1:
         return jax.device_get(params)
     return multihost_utils.process_allgather(params, tiled=True)
-
-
-def optional(value) -> Optional[Any]:
-    return value if value else None

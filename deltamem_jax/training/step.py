@@ -18,12 +18,13 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from deltamem_jax.training.losses import IGNORE_INDEX
-from deltamem_jax.memory.config import DeltaMemConfig
+from deltamem_jax.training.losses import IGNORE_INDEX, causal_lm_sums
+from deltamem_jax.training.settings import TrainSettings
 from deltamem_jax.training.state import TrainState
 
 MODEL_KEYS = ("write_ids", "write_mask", "write_message_ids", "write_sentence_ids",
               "read_ids", "read_mask", "labels")
+
 
 
 class LossConfig(NamedTuple):
@@ -31,11 +32,16 @@ class LossConfig(NamedTuple):
     sparsity_target: float
     span_writes: bool
     sentence_ids: bool
+    # "write": β of the writing pass (the gates that actually write); "authors_read": the
+    # authors' trainer, β computed by the read pass (which writes nothing), its mean over
+    # the valid tokens and gates (= their plain mean: batch 1, no padding, no mask)
+    sparsity_source: str = "write"
 
     @classmethod
-    def of(cls, memory: DeltaMemConfig, sparsity_weight: float, sparsity_target: float):
-        return cls(float(sparsity_weight), float(sparsity_target), memory.span_writes,
-                   memory.memory_write_granularity == "sentence_mean")
+    def of(cls, settings: TrainSettings) -> "LossConfig":
+        memory, t = settings.memory, settings.train
+        return cls(float(t.sparsity_weight), float(t.sparsity_target), memory.span_writes,
+                   memory.memory_write_granularity == "sentence_mean", t.sparsity_source)
 
 
 def target_count(labels) -> jax.Array:
@@ -51,17 +57,11 @@ def episode_terms(model, batch, cfg: LossConfig):
                   compute_logits=False)
     read = model(batch["read_ids"], attention_mask=batch["read_mask"],
                  memory_state=write.memory_state, write=False)
-    logits = read.logits[:, :-1]
-    targets = batch["labels"][:, 1:]
-    counted = targets != IGNORE_INDEX
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, jnp.where(counted, targets, 0)[..., None], -1)[..., 0]
-    ce_sum = jnp.sum(jnp.where(counted, logz - picked, 0.0))
-    correct = jnp.sum(counted & (jnp.argmax(logits, -1) == targets))
-    beta = write.beta_means                                   # [L_mem]
+    ce_sum, count, correct = causal_lm_sums(read.logits, batch["labels"])
+    beta = read.beta_means if cfg.sparsity_source == "authors_read" else write.beta_means
     sparsity = jnp.mean(jnp.square(beta - cfg.sparsity_target))
     state_norm = jnp.mean(jnp.sqrt(jnp.sum(jnp.square(write.memory_state), axis=(-2, -1))))
-    return ce_sum, jnp.sum(counted), sparsity, {"beta_mean": jnp.mean(beta),
+    return ce_sum, count, sparsity, {"beta_mean": jnp.mean(beta),
                                                 "state_norm": state_norm, "correct": correct}
 
 

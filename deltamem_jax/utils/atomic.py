@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_file",
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_file", "append_lines",
            "atomic_directory", "fsync_dir"]
 
 PathLike = Union[str, os.PathLike]
@@ -138,3 +138,28 @@ def atomic_directory(path: PathLike, *, fsync: bool = True) -> Iterator[str]:
         raise
     if fsync:
         fsync_dir(path.parent)
+
+
+def append_lines(path: PathLike, lines: list[str], *, fsync: bool = True) -> Path:
+    """Append whole lines to ``path`` so that a reader never sees a torn one as complete.
+
+    All ``lines`` go out in one ``write`` on an ``O_APPEND`` descriptor, then fsync. A crash
+    mid-write can leave a partial last line without its newline; the next call first cuts
+    the file back to its last newline, so complete lines are never glued to a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = "".join(line.rstrip("\n") + "\n" for line in lines).encode("utf-8")
+    with open(path, "ab+") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        if end:
+            fh.seek(end - 1)
+            if fh.read(1) != b"\n":
+                fh.seek(0)
+                content = fh.read()
+                fh.truncate(content.rfind(b"\n") + 1)
+        fh.write(data)
+        fh.flush()
+        if fsync:
+            os.fsync(fh.fileno())
+    return path

@@ -52,8 +52,8 @@ def time_load(path: str, repeats: int, **kwargs) -> float:
 
 def run_load(hidden: int = 1024, layers: int = 8, vocab: int = 32000, shard_mb: int = 128,
              repeats: int = 3, log=print) -> dict:
-    from deltamem_jax.training.defaults import base_config
-    from deltamem_jax.training.mesh import build_mesh, rules_of
+    from deltamem_jax.training.mesh import build_mesh
+    from deltamem_jax.training.settings import MeshSettings
     rows = []
     with tempfile.TemporaryDirectory(prefix="deltamem_load_") as d:
         size = write_checkpoint(d, hidden, layers, vocab, shard_mb)
@@ -61,10 +61,9 @@ def run_load(hidden: int = 1024, layers: int = 8, vocab: int = 32000, shard_mb: 
         log(f"checkpoint: {size / 2**20:.0f} MB in {shards} shards")
         cases = [("float32", {}), ("bfloat16", {"param_dtype": "bfloat16"})]
         if jax.device_count() > 1:
-            c = base_config()
-            c.mesh.shape = (1, -1, 1)        # every device on fsdp: weights split, not copied
+            mesh = MeshSettings(shape=(1, -1, 1))   # every device on fsdp: split, not copied
             cases.append((f"float32, fsdp over {jax.device_count()} devices",
-                          {"mesh": build_mesh(c), "rules": rules_of(c)}))
+                          {"mesh": build_mesh(mesh), "rules": mesh.rules}))
         for name, kwargs in cases:
             sec = time_load(d, repeats, **kwargs)
             rows.append({"target": name, "bytes": size, "shards": shards, "seconds": sec,

@@ -1,0 +1,1 @@
+"""Config files for train.py and eval.py (``--config=configs/<name>.py``); each edits a default."""
