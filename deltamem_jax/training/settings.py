@@ -66,7 +66,7 @@ class ScratchModel:
 class ModelSettings:
     """The frozen backbone and how to run it."""
 
-    hf_dir: str = ""                   # a local HF checkpoint directory
+    hf_dir: str = ""                   # a local HF checkpoint directory or a .gguf file
     preset: str = ""                   # an architecture preset (shapes only: dry runs)
     scratch: ScratchModel = ScratchModel()
     dtype: str = "float32"             # activations; "bfloat16" on TPU/GPU
@@ -86,11 +86,8 @@ class ModelSettings:
             if self.hf_dir:
                 if not os.path.exists(self.hf_dir):
                     fail("model.hf_dir", f"{self.hf_dir!r} does not exist")
-                if not os.path.isdir(self.hf_dir):
-                    fail("model.hf_dir", f"{self.hf_dir!r} is not a model directory (convert a "
-                                         ".gguf file first: python -m "
-                                         "deltamem_jax.tools.convert_gguf FILE DIR)")
-                return DecoderConfig.from_pretrained(self.hf_dir, **self.runtime())
+                from deltamem_jax.checkpoints.hf import load_config
+                return load_config(self.hf_dir, **self.runtime())
             if self.preset:
                 if self.preset not in PRESETS:
                     fail("model.preset", f"{self.preset!r} is not one of {sorted(PRESETS)}")
