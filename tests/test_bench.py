@@ -3,7 +3,8 @@
 import math
 
 from deltamem_jax.memory import osam
-from deltamem_jax.tools.bench import common as bench_common, scan as bench
+from deltamem_jax.tools.bench import common as bench_common
+from deltamem_jax.tools.bench import scan as bench
 
 
 def test_scan_table_tiny():

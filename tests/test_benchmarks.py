@@ -16,9 +16,9 @@ from deltamem_jax.evaluation import gpqa, hotpotqa, ifeval, mab
 from deltamem_jax.evaluation.defaults import eval_config
 
 HERE = pathlib.Path(__file__).resolve().parent
-from helpers import random_model, run_eval, save_pretrained  # noqa: E402
-
 from deltamem_jax.memory.config import DeltaMemConfig
+
+from helpers import random_model, run_eval, save_pretrained  # noqa: E402
 
 HOTPOT = [{"id": f"h{i}", "question": f" Who is {i}? ", "answer": "Ann", "type": "bridge",
            "level": "easy" if i % 2 else "hard",

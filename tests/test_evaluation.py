@@ -19,11 +19,11 @@ from deltamem_jax.evaluation import locomo as L
 from deltamem_jax.evaluation import locomo_eval, perplexity, prompts, recall
 from deltamem_jax.evaluation.report import write_report
 from deltamem_jax.evaluation.scoring import exact_match, token_f1
-from deltamem_jax.training.losses import causal_lm_loss
 from deltamem_jax.memory.config import DeltaMemConfig
 from deltamem_jax.models.config import DecoderConfig
 from deltamem_jax.models.decoder import DecoderLM
 from deltamem_jax.models.functional import Runner
+from deltamem_jax.training.losses import causal_lm_loss
 
 CFG = DecoderConfig(model_type="llama", vocab_size=264, hidden_size=32, intermediate_size=64,
                     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16)

@@ -1,7 +1,6 @@
 """Every file we read fails with its path and what is wrong, not a library's bare error."""
 
 import pytest
-from helpers import random_model, save_pretrained
 
 from deltamem_jax.checkpoints.adapters import load_adapter, read_adapter_config
 from deltamem_jax.checkpoints.hf import load_hf_model
@@ -9,6 +8,8 @@ from deltamem_jax.data.records import load_records
 from deltamem_jax.models.config import DecoderConfig
 from deltamem_jax.utils.atomic import atomic_directory, atomic_write_text
 from deltamem_jax.utils.files import FileFormatError
+
+from helpers import random_model, save_pretrained
 
 
 @pytest.fixture(scope="module")

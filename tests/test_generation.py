@@ -69,9 +69,9 @@ def test_memory_changes_what_is_generated():
 def test_write_pass_without_logits_keeps_the_whole_cache():
     """compute_logits=False skips the LM head only: with a cache, every layer still runs
     (also those after the last δ-mem layer), so the cache equals the one with logits."""
-    from helpers import random_model
-
     from deltamem_jax.models.functional import Runner
+
+    from helpers import random_model
 
     for scan in (False, True):
         mem = DeltaMemConfig(output_init="random", target_layers=() if scan else (0,))

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from reference import recurrence
 
 from deltamem_jax import DeltaMemConfig, DeltaMemory, MemoryParam
 from deltamem_jax.memory.layer import base_slice_matrix
-from reference import recurrence
 
 D = 16
 OUT = {"q": 24, "k": 12, "v": 12, "o": 16}

@@ -6,12 +6,19 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import random_model
 
 from deltamem_jax.data.tokenizer import family_template_kwargs
-from deltamem_jax.training.settings import (ConfigError, DataSettings, LoopSettings,
-                                            ModelSettings, ScratchModel, TrainSettings)
+from deltamem_jax.training.settings import (
+    ConfigError,
+    DataSettings,
+    LoopSettings,
+    ModelSettings,
+    ScratchModel,
+    TrainSettings,
+)
 from deltamem_jax.training.step import LossConfig, episode_terms
+
+from helpers import random_model
 
 
 def _loss(source: str) -> LossConfig:

@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Optional
 
 import jax
 import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from deltamem_jax.memory.layer import DeltaMemory, MemoryParam
 from deltamem_jax.memory.config import DELTA_HEADS, DeltaMemConfig
+from deltamem_jax.memory.layer import DeltaMemory, MemoryParam
 from deltamem_jax.models.decoder import DecoderLM
 from deltamem_jax.utils.atomic import atomic_directory
 from deltamem_jax.utils.files import FileFormatError, file_errors, read_json, read_safetensors
@@ -66,7 +65,7 @@ def read_adapter_tensors(path: str) -> dict[str, np.ndarray]:
                             f"nor {TORCH_FILE}")
 
 
-def load_adapter(model: DecoderLM, path: str, *, rngs: Optional[nnx.Rngs] = None,
+def load_adapter(model: DecoderLM, path: str, *, rngs: nnx.Rngs | None = None,
                  **config_overrides) -> DeltaMemConfig:
     """Attach δ-mem as configured by the adapter at ``path`` and load its weights.
 
@@ -128,7 +127,7 @@ def _own_params(memory: DeltaMemory) -> list[str]:
     return sorted(str(path[0]) for path, _ in nnx.to_flat_state(nnx.state(memory, MemoryParam)))
 
 
-def _expected_torch_shape(memory: DeltaMemory, param: str) -> Optional[tuple]:
+def _expected_torch_shape(memory: DeltaMemory, param: str) -> tuple | None:
     c = memory.config
     d, R, g = memory.hidden_size, c.state_width, c.gate_width
     outs = memory.out_features
@@ -170,7 +169,7 @@ def adapter_tensors(model: DecoderLM, prefix: str = "model.") -> dict[str, np.nd
     return out
 
 
-def save_adapter(model: DecoderLM, path: str, *, torch_format: Optional[bool] = None) -> None:
+def save_adapter(model: DecoderLM, path: str, *, torch_format: bool | None = None) -> None:
     """Write the adapter in the authors' format, atomically (the directory is swapped in whole).
 
     Always writes safetensors; also ``delta_mem_adapter.pt`` when torch is

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable, Iterator, NamedTuple, Optional
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -209,9 +210,9 @@ def load_config(path: str | os.PathLike, **config_overrides) -> DecoderConfig:
     return DecoderConfig.from_pretrained(path, **config_overrides)
 
 
-def load_hf_model(path: str | os.PathLike, *, memory: Optional[DeltaMemConfig] = None,
-                  mesh: Optional[jax.sharding.Mesh] = None, rules: Optional[Rules] = None,
-                  rngs: Optional[nnx.Rngs] = None, **config_overrides) -> DecoderLM:
+def load_hf_model(path: str | os.PathLike, *, memory: DeltaMemConfig | None = None,
+                  mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None,
+                  rngs: nnx.Rngs | None = None, **config_overrides) -> DecoderLM:
     """Load a local HF checkpoint as a :class:`DecoderLM` (optionally with fresh δ-mem).
 
     ``path`` is a model directory or a ``.gguf`` file (config from its metadata,

@@ -6,7 +6,7 @@ longest row of the (global) batch, so few distinct shapes reach the compiler.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -10,7 +10,8 @@ The last incomplete batch of an epoch is dropped (static shapes).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Protocol, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -55,7 +56,7 @@ class EpisodeLoader:
 
     def __init__(
         self,
-        source: Union[EpisodeSource, Callable[[int, str], Episode]],
+        source: EpisodeSource | Callable[[int, str], Episode],
         global_batch_size: int,
         *,
         write_buckets: Sequence[int],
@@ -65,9 +66,9 @@ class EpisodeLoader:
         p_no_memory: float = 0.0,
         process_index: int = 0,
         process_count: int = 1,
-        epochs: Optional[int] = None,
-        pad_id: Optional[int] = None,
-        num_examples: Optional[int] = None,
+        epochs: int | None = None,
+        pad_id: int | None = None,
+        num_examples: int | None = None,
         shuffle: bool = True,
     ):
         if not hasattr(source, "episode"):
@@ -143,7 +144,7 @@ class EpisodeLoader:
 
     # ------------------------------------------------------------------ iteration
 
-    def __iter__(self) -> "EpisodeLoader":
+    def __iter__(self) -> EpisodeLoader:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import collections
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -160,7 +160,7 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, config: SyntheticConfig 
 
 
 def chance_accuracy(records: Iterable[dict], by_question: bool = True,
-                    fit: Optional[Iterable[dict]] = None) -> float:
+                    fit: Iterable[dict] | None = None) -> float:
     """Accuracy of always giving the most frequent final answer (per final
     question if ``by_question``): what a model ignoring the history can reach.
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import abc
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -56,7 +57,7 @@ class ChatTokens:
 
     ids: np.ndarray
     message_index: np.ndarray
-    content_spans: tuple[Optional[tuple[int, int]], ...]
+    content_spans: tuple[tuple[int, int] | None, ...]
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -74,7 +75,7 @@ class Tokenizer(abc.ABC):
 
     vocab_size: int
     pad_id: int
-    bos_id: Optional[int]
+    bos_id: int | None
     eos_id: int
 
     @property
@@ -146,7 +147,7 @@ class ByteTokenizer(Tokenizer):
     ) -> ChatTokens:
         ids: list[int] = []
         owner: list[int] = []
-        spans: list[Optional[tuple[int, int]]] = []
+        spans: list[tuple[int, int] | None] = []
         for i, m in enumerate(messages):
             role = m["role"]
             if role not in self.ROLE_IDS:
@@ -188,7 +189,7 @@ class HFTokenizer(Tokenizer):
     def __init__(
         self,
         path: str | os.PathLike,
-        template_kwargs: Optional[Mapping[str, Any]] = None,
+        template_kwargs: Mapping[str, Any] | None = None,
         max_rollback: int = MAX_TEMPLATE_ROLLBACK,
     ):
         from transformers import AutoTokenizer  # lazy: only this class needs transformers
@@ -271,7 +272,7 @@ class HFTokenizer(Tokenizer):
         if add_generation_prompt:
             self._extend(ids, owner, self._render_ids(messages, True), -1, "the generation prompt")
         owner_arr = np.asarray(owner, dtype=np.int32)
-        spans: list[Optional[tuple[int, int]]] = []
+        spans: list[tuple[int, int] | None] = []
         for i, m in enumerate(messages):
             hits = np.flatnonzero(owner_arr == i)
             content = self.encode(m["content"])

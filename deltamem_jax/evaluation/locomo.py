@@ -23,9 +23,10 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any
 
 __all__ = [
     "LOCOMO_ENV_VAR",
@@ -78,14 +79,14 @@ class Turn:
     speaker: str
     dia_id: str
     text: str
-    blip_caption: Optional[str] = None
+    blip_caption: str | None = None
 
 
 @dataclass(frozen=True)
 class LocomoSession:
     index: int  # N of ``session_N`` (1-based, as in the file)
     date_time: str
-    turns: Tuple[Turn, ...]
+    turns: tuple[Turn, ...]
 
 
 @dataclass(frozen=True)
@@ -93,17 +94,17 @@ class LocomoQuestion:
     question: str
     answer: str  # ``answer`` (stringified); category 5 without one: ``adversarial_answer``
     category: int
-    evidence: Tuple[str, ...]
-    adversarial_answer: Optional[str] = None
+    evidence: tuple[str, ...]
+    adversarial_answer: str | None = None
     qa_index: int = 0  # position in the sample's original ``qa`` list
 
 
 @dataclass(frozen=True)
 class LocomoConversation:
     sample_id: str
-    speakers: Tuple[str, str]  # (speaker_a, speaker_b)
-    sessions: Tuple[LocomoSession, ...]
-    questions: Tuple[LocomoQuestion, ...]
+    speakers: tuple[str, str]  # (speaker_a, speaker_b)
+    sessions: tuple[LocomoSession, ...]
+    questions: tuple[LocomoQuestion, ...]
 
 
 # --------------------------------------------------------------------------
@@ -120,7 +121,7 @@ def default_locomo_path() -> Path:
 
 
 class _Ctx:
-    def __init__(self, sample_id: str, position: Optional[int]):
+    def __init__(self, sample_id: str, position: int | None):
         self.sample_id = sample_id
         self.position = position
 
@@ -147,7 +148,7 @@ def _answer_text(value: Any, ctx: _Ctx, fieldname: str) -> str:
     return str(value)
 
 
-def parse_locomo_sample(sample: Any, position: Optional[int] = None) -> LocomoConversation:
+def parse_locomo_sample(sample: Any, position: int | None = None) -> LocomoConversation:
     """Parse one element of the LoCoMo json list. Raises :class:`LocomoFormatError`
     naming the sample and the offending field."""
     sid = sample.get("sample_id") if isinstance(sample, dict) else None
@@ -162,12 +163,12 @@ def parse_locomo_sample(sample: Any, position: Optional[int] = None) -> LocomoCo
     indices = sorted(int(m.group(1)) for k in conv if (m := _SESSION_KEY.fullmatch(k)))
     if not indices:
         raise ctx.fail("conversation.session_N", "is missing (no sessions)")
-    sessions: List[LocomoSession] = []
+    sessions: list[LocomoSession] = []
     for n in indices:
         key = f"session_{n}"
         raw_turns = _require(conv, key, list, ctx, f"conversation.{key}")
         date_time = _require(conv, f"{key}_date_time", str, ctx, f"conversation.{key}_date_time")
-        turns: List[Turn] = []
+        turns: list[Turn] = []
         for t, raw in enumerate(raw_turns):
             base = f"conversation.{key}[{t}]"
             if not isinstance(raw, dict):
@@ -186,7 +187,7 @@ def parse_locomo_sample(sample: Any, position: Optional[int] = None) -> LocomoCo
         sessions.append(LocomoSession(index=n, date_time=date_time, turns=tuple(turns)))
 
     raw_qa = _require(sample, "qa", list, ctx, "qa")
-    questions: List[LocomoQuestion] = []
+    questions: list[LocomoQuestion] = []
     for i, q in enumerate(raw_qa):
         base = f"qa[{i}]"
         if not isinstance(q, dict):
@@ -227,12 +228,12 @@ def parse_locomo_sample(sample: Any, position: Optional[int] = None) -> LocomoCo
 
 
 def load_locomo(
-    path: Union[str, os.PathLike, None] = None,
+    path: str | os.PathLike | None = None,
     *,
-    max_conversations: Optional[int] = None,
-    max_questions_per_conversation: Optional[int] = None,
-    categories: Optional[Iterable[int]] = None,
-) -> List[LocomoConversation]:
+    max_conversations: int | None = None,
+    max_questions_per_conversation: int | None = None,
+    categories: Iterable[int] | None = None,
+) -> list[LocomoConversation]:
     """Load the LoCoMo json (default: :func:`default_locomo_path`).
 
     ``categories`` keeps only those question categories (e.g. ``(1, 2, 3, 4)``);
@@ -246,7 +247,7 @@ def load_locomo(
             f"<repo>/../shared/data/locomo10.json)"
         )
     try:
-        with open(p, "r", encoding="utf-8") as fh:
+        with open(p, encoding="utf-8") as fh:
             data = json.load(fh)
     except json.JSONDecodeError as exc:
         raise LocomoFormatError(f"LoCoMo file {p} is not valid JSON: {exc}") from exc
@@ -259,7 +260,7 @@ def load_locomo(
     if max_conversations is not None:
         data = data[:max_conversations]
     keep = None if categories is None else {int(c) for c in categories}
-    out: List[LocomoConversation] = []
+    out: list[LocomoConversation] = []
     for i, sample in enumerate(data):
         conv = parse_locomo_sample(sample, position=i)
         qs = [q for q in conv.questions if keep is None or q.category in keep]
@@ -271,7 +272,7 @@ def load_locomo(
     return out
 
 
-def count_by_category(conversations: Iterable[LocomoConversation]) -> Dict[int, int]:
+def count_by_category(conversations: Iterable[LocomoConversation]) -> dict[int, int]:
     """Number of questions per category, sorted by category."""
     c = Counter(q.category for conv in conversations for q in conv.questions)
     return {k: c[k] for k in sorted(c)}
@@ -310,13 +311,13 @@ def conversation_preamble(conversation: LocomoConversation) -> str:
     return CONV_START_PROMPT.format(*conversation.speakers)
 
 
-def session_messages(conversation: LocomoConversation, role: str = "user") -> List[Dict[str, str]]:
+def session_messages(conversation: LocomoConversation, role: str = "user") -> list[dict[str, str]]:
     """One chat message per session (chronological), content = the rendered
     session; for writing the history into memory."""
     return [{"role": role, "content": render_session(s)} for s in conversation.sessions]
 
 
-def question_prompt(question: Union[LocomoQuestion, str], category: Optional[int] = None) -> str:
+def question_prompt(question: LocomoQuestion | str, category: int | None = None) -> str:
     """The short-answer QA prompt; category 2 gets the approximate-date suffix.
     ``category`` overrides / supplies the category for a plain string."""
     if isinstance(question, LocomoQuestion):
@@ -331,9 +332,9 @@ def question_prompt(question: Union[LocomoQuestion, str], category: Optional[int
 
 def full_context_prompt(
     conversation: LocomoConversation,
-    question: Union[LocomoQuestion, str],
+    question: LocomoQuestion | str,
     *,
-    category: Optional[int] = None,
+    category: int | None = None,
     order: str = "latest_first",
 ) -> str:
     """Preamble + whole conversation + ``"\\n\\n"`` + :func:`question_prompt`."""
@@ -347,15 +348,15 @@ def full_context_prompt(
 
 def full_context_messages(
     conversation: LocomoConversation,
-    question: Union[LocomoQuestion, str],
+    question: LocomoQuestion | str,
     *,
-    category: Optional[int] = None,
+    category: int | None = None,
     order: str = "latest_first",
-    system_prompt: Optional[str] = None,
-) -> List[Dict[str, str]]:
+    system_prompt: str | None = None,
+) -> list[dict[str, str]]:
     """Chat messages for the full-context setting: optional system message +
     one user message holding :func:`full_context_prompt`."""
-    msgs: List[Dict[str, str]] = []
+    msgs: list[dict[str, str]] = []
     if system_prompt:
         msgs.append({"role": "system", "content": system_prompt})
     msgs.append({"role": "user", "content": full_context_prompt(conversation, question, category=category, order=order)})

@@ -24,7 +24,7 @@ Greedy decoding; the raw prediction is post-processed and scored by
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from deltamem_jax.data.tokenizer import Tokenizer
 from deltamem_jax.evaluation import locomo as L
@@ -51,12 +51,12 @@ __all__ = ["SETTINGS", "locomo_write_segment", "fit_full_context", "setting_mess
            "evaluate_locomo", "to_report_rows"]
 
 
-def _system(system_prompt: Optional[str]) -> list[dict]:
+def _system(system_prompt: str | None) -> list[dict]:
     return [{"role": "system", "content": system_prompt}] if system_prompt else []
 
 
 def locomo_write_segment(tokenizer: Tokenizer, conversation: L.LocomoConversation, *,
-                         system_prompt: Optional[str] = None, sentence_ids: bool = False):
+                         system_prompt: str | None = None, sentence_ids: bool = False):
     """The whole conversation as one write segment: [system] + one user message per session."""
     return write_segment(tokenizer, _system(system_prompt) + L.session_messages(conversation),
                          sentence_ids=sentence_ids)
@@ -68,7 +68,7 @@ def _full_messages(conv, question, system_prompt, order):
 
 def fit_full_context(tokenizer: Tokenizer, conversation: L.LocomoConversation,
                      questions: Sequence[L.LocomoQuestion], max_context_tokens: int, *,
-                     system_prompt: Optional[str] = None, order: str = "latest_first"
+                     system_prompt: str | None = None, order: str = "latest_first"
                      ) -> L.LocomoConversation:
     """The conversation minus its fewest oldest sessions such that the full-context
     prompt of every question in ``questions`` fits ``max_context_tokens``."""
@@ -96,8 +96,8 @@ def fit_full_context(tokenizer: Tokenizer, conversation: L.LocomoConversation,
 
 def setting_messages(tokenizer: Tokenizer, conversation: L.LocomoConversation,
                      question: L.LocomoQuestion, setting: str, recent_window_tokens: int = 0, *,
-                     max_context_tokens: Optional[int] = None, system_prompt: Optional[str] = None,
-                     order: str = "latest_first") -> tuple[list[dict], Optional[list[dict]]]:
+                     max_context_tokens: int | None = None, system_prompt: str | None = None,
+                     order: str = "latest_first") -> tuple[list[dict], list[dict] | None]:
     """(prompt messages, messages written into memory first or None) of one question under
     ``setting``, exactly as :func:`evaluate_locomo` builds them (for ``print_prompt``)."""
     if setting == "no_memory":
@@ -119,10 +119,10 @@ def setting_messages(tokenizer: Tokenizer, conversation: L.LocomoConversation,
 
 def evaluate_locomo(runner: Runner, tokenizer: Tokenizer, conversations: Sequence[L.LocomoConversation],
                     *, settings: Sequence[str] = SETTINGS, batch_size: int = 8,
-                    max_new_tokens: int = 32, max_questions: Optional[int] = None,
-                    categories: Optional[Sequence[int]] = LOCOMO_SCORED_CATEGORIES,
+                    max_new_tokens: int = 32, max_questions: int | None = None,
+                    categories: Sequence[int] | None = LOCOMO_SCORED_CATEGORIES,
                     recent_window_tokens: int = 0, max_write_length: int = 8192,
-                    max_context_tokens: Optional[int] = None, system_prompt: Optional[str] = None,
+                    max_context_tokens: int | None = None, system_prompt: str | None = None,
                     order: str = "latest_first", write_during_read: bool = False,
                     carry_cache: bool = True, write_batch_size: int = 1,
                     score_adversarial: bool = False, min_bucket: int = MIN_BUCKET,

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import Any, Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 
 def prepare_recall(tokenizer: Tokenizer, records: Iterable[Any], *, max_write_length: int,
                    max_length: int, recent_messages: int = 1,
-                   max_context_length: Optional[int] = None, sentence_ids: bool = False
+                   max_context_length: int | None = None, sentence_ids: bool = False
                    ) -> tuple[list[dict], collections.Counter]:
     """Tokenise every usable record; returns (examples, skip counts per reason).
 
@@ -80,7 +81,7 @@ def prepare_recall(tokenizer: Tokenizer, records: Iterable[Any], *, max_write_le
 def evaluate_recall(runner: Runner, tokenizer: Tokenizer, records: Iterable[Any], *,
                     settings: Sequence[str] = SETTINGS, batch_size: int = 8,
                     max_new_tokens: int = 32, max_write_length: int = 8192, max_length: int = 512,
-                    recent_messages: int = 1, max_context_length: Optional[int] = None,
+                    recent_messages: int = 1, max_context_length: int | None = None,
                     write_during_read: bool = False, return_states: bool = False,
                     min_bucket: int = MIN_BUCKET, progress: bool = True) -> dict:
     """Exact match and token F1 of the final answer per setting (see the module doc).

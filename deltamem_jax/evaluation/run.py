@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 
 import jax
-import ml_collections
 from jax.sharding import AxisType
 
 from deltamem_jax.evaluation.engine import RecordStore, Shard, check_fingerprint, collect, run_items
 from deltamem_jax.evaluation.report import write_json, write_report
-from deltamem_jax.evaluation.settings import EvalSettings, resolve
+from deltamem_jax.evaluation.settings import EvalSettings
 from deltamem_jax.utils.atomic import atomic_write_json
 from deltamem_jax.utils.sharding import logical_rules
 

@@ -16,7 +16,8 @@ Flax layout ``[in, out]``, i.e. transposed relative to the authors' torch
 from __future__ import annotations
 
 import math
-from typing import Mapping, NamedTuple, Optional
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +90,7 @@ class DeltaMemory(nnx.Module):
 
     def __init__(self, config: DeltaMemConfig, hidden_size: int,
                  out_features: Mapping[str, int], *, rngs: nnx.Rngs,
-                 base_weights: Optional[Mapping[str, jax.Array]] = None,
+                 base_weights: Mapping[str, jax.Array] | None = None,
                  param_dtype=jnp.float32):
         missing = [h for h in config.delta_heads if h not in out_features]
         if missing:
@@ -152,10 +153,10 @@ class DeltaMemory(nnx.Module):
         c = self.config
         return jnp.zeros((batch_size, c.num_state_heads, c.rank, c.rank), jnp.float32)
 
-    def __call__(self, hidden: jax.Array, *, mask: Optional[jax.Array] = None,
-                 state: Optional[jax.Array] = None, write: bool = True,
-                 message_ids: Optional[jax.Array] = None,
-                 sentence_ids: Optional[jax.Array] = None) -> MemoryOutput:
+    def __call__(self, hidden: jax.Array, *, mask: jax.Array | None = None,
+                 state: jax.Array | None = None, write: bool = True,
+                 message_ids: jax.Array | None = None,
+                 sentence_ids: jax.Array | None = None) -> MemoryOutput:
         """One pass over ``hidden`` ``[B, T, d]``.
 
         ``mask`` ``[B, T]``: 1 = valid token (padding reads 0, writes nothing).

@@ -13,15 +13,15 @@ stacked layer whose parameters carry a leading ``layers`` axis, run by
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deltamem_jax.memory.layer import DeltaMemory
 from deltamem_jax.memory.config import DeltaMemConfig
+from deltamem_jax.memory.layer import DeltaMemory
 from deltamem_jax.models.cache import KVCache
 from deltamem_jax.models.config import DecoderConfig
 from deltamem_jax.models.layers import DecoderLayer, RMSNorm, weight
@@ -30,10 +30,10 @@ from deltamem_jax.utils.sharding import LOGICAL_AXES, constrain
 
 
 class DecoderOutput(NamedTuple):
-    logits: Optional[jax.Array]      # [B, T, vocab] float32 (None if not computed)
-    memory_state: Optional[jax.Array]  # [L_mem, B, H, r, r] float32 (None without δ-mem)
-    cache: Optional[KVCache]
-    beta_means: Optional[jax.Array]  # [L_mem]: mean write strength per δ-mem layer
+    logits: jax.Array | None      # [B, T, vocab] float32 (None if not computed)
+    memory_state: jax.Array | None  # [L_mem, B, H, r, r] float32 (None without δ-mem)
+    cache: KVCache | None
+    beta_means: jax.Array | None  # [L_mem]: mean write strength per δ-mem layer
 
 
 def zero_memory_state(num_layers: int, batch_size: int, config: DeltaMemConfig) -> jax.Array:
@@ -59,7 +59,7 @@ class DecoderLM(nnx.Module):
     """A causal decoder LM. Attach δ-mem with ``memory=`` or :meth:`attach_memory`."""
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs,
-                 memory: Optional[DeltaMemConfig] = None):
+                 memory: DeltaMemConfig | None = None):
         self.config = config
         dt = config.weight_dtype
         self.embed_tokens = weight(rngs, (config.vocab_size, config.hidden_size),
@@ -74,12 +74,12 @@ class DecoderLM(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = weight(rngs, (config.hidden_size, config.vocab_size),
                                   ("embed", "vocab"), dt, config.initializer_range)
-        self.memory_config: Optional[DeltaMemConfig] = None
+        self.memory_config: DeltaMemConfig | None = None
         if memory is not None:
             self.attach_memory(memory, rngs=rngs)
 
     # δ-mem ---------------------------------------------------------------
-    def attach_memory(self, memory: DeltaMemConfig, *, rngs: nnx.Rngs) -> "DecoderLM":
+    def attach_memory(self, memory: DeltaMemConfig, *, rngs: nnx.Rngs) -> DecoderLM:
         """Give every targeted attention layer a fresh :class:`DeltaMemory` (in place)."""
         n = self.config.num_hidden_layers
         bad = [i for i in memory.target_layers if not 0 <= i < n]
@@ -114,7 +114,7 @@ class DecoderLM(nnx.Module):
         return tuple(i for i, layer in enumerate(self.layers)
                      if layer.self_attn.memory is not None)
 
-    def layer_memory(self, index: int) -> tuple[DeltaMemory, Optional[int]]:
+    def layer_memory(self, index: int) -> tuple[DeltaMemory, int | None]:
         """The memory module of layer ``index`` and, for scanned layers, its row in the stack."""
         if self.config.scan_layers:
             return self.layers.self_attn.memory, index
@@ -129,7 +129,7 @@ class DecoderLM(nnx.Module):
 
     # forward -------------------------------------------------------------
     def __call__(self, input_ids, *, attention_mask=None, memory_state=None,
-                 cache: Optional[KVCache] = None, write: bool = True, use_memory: bool = True,
+                 cache: KVCache | None = None, write: bool = True, use_memory: bool = True,
                  message_ids=None, sentence_ids=None, positions=None,
                  compute_logits: bool = True) -> DecoderOutput:
         """One pass over ``input_ids`` ``[B, T]``.

@@ -9,7 +9,6 @@ the state through one cached ``jax.jit`` function is the fast path for loops
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import jax
 from flax import nnx
@@ -20,7 +19,7 @@ from deltamem_jax.models.decoder import DecoderLM, DecoderOutput, zero_memory_st
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "write", "use_memory", "compute_logits"))
 def apply(graphdef, state, input_ids, attention_mask=None, memory_state=None,
-          cache: Optional[KVCache] = None, message_ids=None, sentence_ids=None, positions=None,
+          cache: KVCache | None = None, message_ids=None, sentence_ids=None, positions=None,
           *, write: bool = True, use_memory: bool = True,
           compute_logits: bool = True) -> DecoderOutput:
     """``DecoderLM.__call__`` as a pure jitted function of (graphdef, state)."""

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import jax
 from flax import nnx
 
-from deltamem_jax.memory.layer import MemoryParam
 from deltamem_jax.memory.config import DeltaMemConfig
+from deltamem_jax.memory.layer import MemoryParam
 from deltamem_jax.models.config import DecoderConfig
 from deltamem_jax.models.decoder import DecoderLM
 
@@ -25,7 +24,7 @@ def parameter_counts(model: DecoderLM) -> dict:
     return {"backbone": backbone, "memory": memory, "memory_share": memory / backbone}
 
 
-def abstract_model(config: DecoderConfig, memory: Optional[DeltaMemConfig] = None) -> DecoderLM:
+def abstract_model(config: DecoderConfig, memory: DeltaMemConfig | None = None) -> DecoderLM:
     """The model with shapes only (``nnx.eval_shape``): nothing is allocated."""
     return nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0), memory=memory))
 

@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from deltamem_jax.data.synthetic import SyntheticConfig, generate_split, write_synthetic_dataset
 
@@ -42,8 +42,8 @@ def train_variant(backbone: str, data_dir: str, workdir: str, *, rank: int, writ
                   seed: int) -> str:
     """Stage 2 of the demo with another rank / write granularity; returns the adapter dir."""
     from deltamem_jax.training import loop
-    from deltamem_jax.training.settings import resolve
     from deltamem_jax.training.defaults import demo_config
+    from deltamem_jax.training.settings import resolve
     c = demo_config()
     c.model.hf_dir = backbone
     c.data.train = os.path.join(data_dir, "train.jsonl")

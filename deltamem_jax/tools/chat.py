@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence, TextIO
+from collections.abc import Sequence
+from typing import TextIO
 
 from deltamem_jax.inference.generation import SamplingConfig
 from deltamem_jax.inference.session import Session, SnapshotError
@@ -49,7 +50,7 @@ def format_stats(stats: dict) -> str:
 class ChatApp:
     """The REPL's state and logic: ``handle(line) -> text``; ``done`` after /quit."""
 
-    def __init__(self, session: Session, sampling: Optional[SamplingConfig] = None):
+    def __init__(self, session: Session, sampling: SamplingConfig | None = None):
         self.session = session
         self.sampling = sampling or session.sampling
         self.done = False
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None, stdin: TextIO = sys.stdin,
+def main(argv: Sequence[str] | None = None, stdin: TextIO = sys.stdin,
          stdout: TextIO = sys.stdout) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

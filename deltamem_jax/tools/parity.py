@@ -15,7 +15,7 @@ import fnmatch
 import json
 import os
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +23,11 @@ import numpy as np
 from flax import nnx
 
 from deltamem_jax.checkpoints.pretrained import load_pretrained
-from deltamem_jax.training.losses import causal_lm_loss
 from deltamem_jax.memory.layer import MemoryParam
 from deltamem_jax.models.cache import KVCache
 from deltamem_jax.models.decoder import DecoderLM
 from deltamem_jax.models.functional import Runner
+from deltamem_jax.training.losses import causal_lm_loss
 
 KINDS: dict[str, Callable] = {}
 
@@ -227,7 +227,7 @@ def _check_moves(case, ours, z) -> list[str]:
             f"(reference {float(expected):.3f})"]
 
 
-def run_fixtures(fixture_dir: str, names: Optional[list[str]] = None,
+def run_fixtures(fixture_dir: str, names: list[str] | None = None,
                  echo: Callable[[str], None] = print) -> list[CaseResult]:
     """Run every case (or those named) of a fixture set; print a line per case."""
     index_file = os.path.join(fixture_dir, "cases", "index.json")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional
+from typing import Any
 
 import orbax.checkpoint as ocp
 
@@ -28,7 +28,7 @@ class Checkpointer:
                                                create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
-    def latest_step(self) -> Optional[int]:
+    def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict, meta: dict, *, force: bool = False) -> bool:
@@ -41,7 +41,7 @@ class Checkpointer:
             log.info("checkpoint %d -> %s", step, self.directory)
         return saved
 
-    def restore_latest(self, abstract_state) -> Optional[tuple[Any, dict, dict]]:
+    def restore_latest(self, abstract_state) -> tuple[Any, dict, dict] | None:
         """(state, data position, metadata) of the latest checkpoint, or None."""
         step = self.manager.latest_step()
         if step is None:

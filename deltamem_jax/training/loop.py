@@ -25,18 +25,31 @@ from deltamem_jax.checkpoints.adapters import save_adapter
 from deltamem_jax.data import EpisodeLoader, EpisodeSet, geometric_buckets, load_records
 from deltamem_jax.data.tokenizer import load_tokenizer
 from deltamem_jax.models.summary import format_counts, parameter_counts
+from deltamem_jax.training.checkpointing import Checkpointer
+from deltamem_jax.training.mesh import (
+    batch_axes_size,
+    batch_sharding,
+    build_mesh,
+    initialize_distributed,
+    replicated,
+)
+from deltamem_jax.training.metrics import MetricsLogger
+from deltamem_jax.training.settings import ConfigError, TrainSettings, resolve
+from deltamem_jax.training.state import (
+    TrainState,
+    abstract_train_state,
+    host_params,
+    init_params,
+    init_train_state,
+    load_frozen,
+    make_optimizer,
+    plan_model,
+    state_shardings_of,
+    with_shardings,
+)
+from deltamem_jax.training.step import MODEL_KEYS, LossConfig, make_eval_step, make_train_step
 from deltamem_jax.utils.atomic import atomic_write_json
 from deltamem_jax.utils.sharding import logical_rules
-from deltamem_jax.training.settings import ConfigError, TrainSettings, resolve
-from deltamem_jax.training.checkpointing import Checkpointer
-from deltamem_jax.training.mesh import (batch_axes_size, batch_sharding, build_mesh,
-                                        initialize_distributed, replicated)
-from deltamem_jax.training.metrics import MetricsLogger
-from deltamem_jax.training.state import (TrainState, abstract_train_state, host_params,
-                                         init_params, init_train_state, load_frozen,
-                                         make_optimizer, plan_model, state_shardings_of,
-                                         with_shardings)
-from deltamem_jax.training.step import MODEL_KEYS, LossConfig, make_eval_step, make_train_step
 
 log = logging.getLogger("deltamem_jax.train")
 

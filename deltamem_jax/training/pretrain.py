@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +72,7 @@ def pretrain(config: DecoderConfig, tokenizer: Tokenizer, records: Sequence[dict
              steps: int, batch_size: int, length: int, learning_rate: float = 3e-3,
              reply_weight: float = 4.0, copy_fraction: float = 0.0, copy_steps: int = 0,
              copy_length: int = 64, seed: int = 0, log_every: int = 50,
-             on_log: Optional[Callable[[int, float, float], None]] = None) -> DecoderLM:
+             on_log: Callable[[int, float, float], None] | None = None) -> DecoderLM:
     """A freshly initialised :class:`DecoderLM` trained for ``steps`` AdamW steps.
 
     The first ``copy_steps`` steps train on short :func:`copy_sequences` only (an

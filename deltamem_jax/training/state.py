@@ -20,13 +20,13 @@ import optax
 from flax import nnx
 
 from deltamem_jax.checkpoints.hf import read_backbone_state
-from deltamem_jax.memory.layer import MemoryParam
 from deltamem_jax.memory.config import DeltaMemConfig
+from deltamem_jax.memory.layer import MemoryParam
 from deltamem_jax.models.config import DecoderConfig
 from deltamem_jax.models.decoder import DecoderLM
-from deltamem_jax.utils.sharding import Rules, state_shardings
 from deltamem_jax.training.mesh import replicated
 from deltamem_jax.training.settings import OptimSettings
+from deltamem_jax.utils.sharding import Rules, state_shardings
 
 
 class TrainState(NamedTuple):

@@ -11,7 +11,8 @@ read a zero state.
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,7 @@ class LossConfig(NamedTuple):
     sparsity_source: str = "write"
 
     @classmethod
-    def of(cls, settings: TrainSettings) -> "LossConfig":
+    def of(cls, settings: TrainSettings) -> LossConfig:
         memory, t = settings.memory, settings.train
         return cls(float(t.sparsity_weight), float(t.sparsity_target), memory.span_writes,
                    memory.memory_write_granularity == "sentence_mean", t.sparsity_source)

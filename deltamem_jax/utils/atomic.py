@@ -22,8 +22,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Union
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_file", "append_lines",
            "atomic_directory", "fsync_dir"]

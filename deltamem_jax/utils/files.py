@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 __all__ = ["FileFormatError", "file_errors", "read_json", "read_safetensors", "open_safetensors"]
 

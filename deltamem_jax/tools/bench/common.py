@@ -7,7 +7,7 @@ import json
 import os
 import statistics
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 
@@ -17,7 +17,7 @@ from deltamem_jax.utils.atomic import atomic_write_text
 # Machine description
 
 
-def _proc_field(path: str, key: str) -> Optional[str]:
+def _proc_field(path: str, key: str) -> str | None:
     try:
         with open(path) as f:
             for line in f:

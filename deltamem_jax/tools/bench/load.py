@@ -19,10 +19,10 @@ import time
 import jax
 from flax import nnx
 
-from deltamem_jax.tools.bench.common import emit_outputs, machine_info, machine_line
 from deltamem_jax.checkpoints.hf import load_hf_model, save_hf_model
 from deltamem_jax.models.config import DecoderConfig
 from deltamem_jax.models.decoder import DecoderLM
+from deltamem_jax.tools.bench.common import emit_outputs, machine_info, machine_line
 
 _GB = 1e9
 

@@ -12,7 +12,7 @@ import argparse
 import gc
 import os
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +47,7 @@ def scan_inputs(T: int, batch: int, rank: int, seed: int = 0) -> tuple:
     return tuple(jnp.asarray(a, jnp.float32) for a in arrays)
 
 
-def scan_functions(method: str, chunk_size: Optional[int]):
+def scan_functions(method: str, chunk_size: int | None):
     """(forward, forward+backward) functions of (q, k, v, beta, lam, s0).
 
     ``chunk_size=None`` uses ``osam_scan``'s default, as a caller would.
@@ -89,8 +89,8 @@ def _measure(fn, args, repeats, mem_budget, max_seconds) -> dict:
 
 
 def bench_scan_case(method: str, T: int, batch: int = 8, rank: int = 8,
-                    chunk_size: Optional[int] = None, repeats: int = 7,
-                    mem_budget: Optional[float] = None, max_seconds: float = 60.0) -> dict:
+                    chunk_size: int | None = None, repeats: int = 7,
+                    mem_budget: float | None = None, max_seconds: float = 60.0) -> dict:
     """One table row: forward and forward+backward figures of one method at one T."""
     if mem_budget is None:
         mem_budget = default_mem_budget()
@@ -122,8 +122,8 @@ def scan_cases(methods: Sequence[str], chunk_sizes: Sequence[int]):
 def run_scan(T_list: Sequence[int] = DEFAULT_T, batch: int = 8, rank: int = 8,
              methods: Sequence[str] = SCAN_METHODS,
              chunk_sizes: Sequence[int] = DEFAULT_CHUNK_SIZES, repeats: int = 7,
-             mem_budget: Optional[float] = None, max_seconds: float = 60.0,
-             log: Optional[Callable[[str], None]] = None) -> list:
+             mem_budget: float | None = None, max_seconds: float = 60.0,
+             log: Callable[[str], None] | None = None) -> list:
     """All rows (T-major), each with its ratio to ``sequential`` at the same T."""
     if mem_budget is None:
         mem_budget = default_mem_budget()

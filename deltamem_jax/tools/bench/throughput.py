@@ -8,20 +8,26 @@ plot. Everything is jit-compiled and warmed up; times are medians of repeats.
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deltamem_jax.tools.bench.common import emit_outputs, machine_info, machine_line, time_call, time_pair
 from deltamem_jax.inference.generation import SamplingConfig, generate
 from deltamem_jax.memory.config import DeltaMemConfig
 from deltamem_jax.models.cache import KVCache
 from deltamem_jax.models.config import DecoderConfig
 from deltamem_jax.models.decoder import DecoderLM
 from deltamem_jax.models.functional import Runner, apply
+from deltamem_jax.tools.bench.common import (
+    emit_outputs,
+    machine_info,
+    machine_line,
+    time_call,
+    time_pair,
+)
 
 MODELS = {
     # the demo's backbone shape, and a GPT-2-small-sized one
