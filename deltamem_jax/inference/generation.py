@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,7 @@ class SamplingConfig:
 class Generation(NamedTuple):
     tokens: jax.Array          # [B, max_new_tokens] int32 (pad_id after a row stops)
     lengths: jax.Array         # [B] int32: tokens produced before (and excluding) EOS
-    memory_state: Optional[jax.Array]
+    memory_state: jax.Array | None
     cache: KVCache
 
 
@@ -68,8 +69,8 @@ def sample_logits(logits, rng, sampling: SamplingConfig):
 def generate(model, prompt_ids, *, prompt_mask=None, memory_state=None, cache=None,
              write: bool = True, use_memory: bool = True,
              sampling: SamplingConfig = SamplingConfig(), rng=None,
-             eos_ids: Optional[Sequence[int]] = None, pad_id: int = 0,
-             cache_length: Optional[int] = None) -> Generation:
+             eos_ids: Sequence[int] | None = None, pad_id: int = 0,
+             cache_length: int | None = None) -> Generation:
     """Continue ``prompt_ids`` ``[B, T]`` (left or right padded via ``prompt_mask``).
 
     ``model`` is a :class:`DecoderLM` or a :class:`Runner`. ``cache``: continue an
@@ -83,7 +84,7 @@ def generate(model, prompt_ids, *, prompt_mask=None, memory_state=None, cache=No
     if prompt_mask is None:
         prompt_mask = jnp.ones((B, T), bool)
     if cache is None:
-        cache = KVCache.init(run.config, B, cache_length or T + sampling.max_new_tokens)
+        cache = run.init_cache(B, cache_length or T + sampling.max_new_tokens)
     if cache.max_length < int(cache.index) + T + sampling.max_new_tokens:
         raise ValueError(f"KV cache of length {cache.max_length} has no room for "
                          f"{T} prompt + {sampling.max_new_tokens} new tokens")
