@@ -253,7 +253,7 @@ class Session:
         """
         sampling = sampling or self.sampling
         if rng is None:
-            self._rng, rng = jax.random.split(self._rng)
+            rng = self.next_rng()
         checkpoint, prompt = self._prepare_reply(sampling.max_new_tokens)
         gen = generate(self.runner, np.asarray([prompt], np.int32),
                        memory_state=self._memory, cache=self._cache, write=write,
@@ -263,6 +263,12 @@ class Session:
         new = [int(t) for t in np.asarray(gen.tokens[0, :n])]
         self._accept(prompt + new, gen.memory_state, gen.cache, write=write)
         return self._finish_reply(checkpoint, self.tokenizer.decode(new), write=write)
+
+    def next_rng(self) -> jax.Array:
+        """A fresh sampling key from the session's own (which advances; it is saved in
+        snapshots, so a restored session draws the same keys)."""
+        self._rng, rng = jax.random.split(self._rng)
+        return rng
 
     def begin_reply(self, max_new_tokens: int, *, write: bool = True) -> PendingReply:
         """Feed the generation prompt and return what an external decoder needs.

@@ -51,6 +51,7 @@ __all__ = [
     "read_snapshot",
     "state_digest",
     "write_snapshot",
+    "write_snapshot_files",
 ]
 
 SNAPSHOT_FORMAT = "deltamem-session"
@@ -157,13 +158,10 @@ def _arrays(state: SessionState) -> tuple[dict[str, np.ndarray], str]:
     return arrays, (str(keys[0].dtype) if keys else "float32")
 
 
-def write_snapshot(path: str | os.PathLike, state: SessionState, runner: Runner,
-                   extra_files: dict[str, bytes] | None = None) -> None:
-    """Write ``state`` as a snapshot directory at ``path`` (atomically replacing it).
-
-    ``extra_files``: more files to put in the directory (name → bytes), written in
-    the same atomic step (the server keeps its own bookkeeping there).
-    """
+def write_snapshot_files(directory: str | os.PathLike, state: SessionState,
+                         runner: Runner) -> None:
+    """Write the snapshot files of ``state`` into the existing ``directory`` (not atomic:
+    for callers that build a directory inside :func:`atomic_directory` themselves)."""
     arrays, cache_dtype = _arrays(state)
     meta = {
         "format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION,
@@ -173,13 +171,17 @@ def write_snapshot(path: str | os.PathLike, state: SessionState, runner: Runner,
         "settings": state.settings, "counters": state.counters,
         "model": model_signature(runner),
     }
-    with atomic_directory(path) as tmp:
-        np.savez(os.path.join(tmp, ARRAYS_FILE), **arrays)
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump(meta, f)
-        for name, data in (extra_files or {}).items():
-            with open(os.path.join(tmp, name), "wb") as f:
-                f.write(data)
+    directory = os.fspath(directory)
+    np.savez(os.path.join(directory, ARRAYS_FILE), **arrays)
+    with open(os.path.join(directory, META_FILE), "w") as f:
+        json.dump(meta, f)
+
+
+def write_snapshot(path: str | os.PathLike, state: SessionState, runner: Runner, *,
+                   fsync: bool = True) -> None:
+    """Write ``state`` as a snapshot directory at ``path``, atomically replacing it."""
+    with atomic_directory(path, fsync=fsync) as tmp:
+        write_snapshot_files(tmp, state, runner)
 
 
 def _field(meta: dict, dotted: str, kind, where: str):
