@@ -321,12 +321,15 @@ def read_snapshot(path: str | os.PathLike, runner: Runner, *,
         settings=dict(settings), counters={k: int(v) for k, v in counters.items()})
 
 
-def state_digest(state: SessionState) -> str:
-    """SHA-256 over everything that decides a session's future: token ids, δ-mem state,
-    the cached window (keys, values, mask, position), next-token logits and sampling key.
-    Two sessions with the same digest continue identically (bit for bit)."""
+def state_digest(state: SessionState, *, include_rng: bool = True) -> str:
+    """SHA-256 over everything that decides a session's future: token ids, messages,
+    δ-mem state, the cached window (keys, values, mask, position), next-token logits and
+    (unless ``include_rng=False``) the sampling key. Two sessions with the same digest
+    continue identically, bit for bit."""
     h = hashlib.sha256()
     arrays, _ = _arrays(state)
+    if not include_rng:
+        del arrays["rng"]
     h.update(json.dumps([state.ids, state.messages, state.cache_len, state.cache_start,
                          int(state.cache.positions[0])]).encode())
     for name in sorted(arrays):

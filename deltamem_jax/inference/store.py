@@ -47,9 +47,24 @@ POINTER_FILE = "CURRENT"
 INFO_FILE = "info.json"
 _VERSION = re.compile(r"^v(\d{8})$")
 _NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
-#: Testing hook: ``DELTAMEM_STORE_CRASH_AT=<point>`` SIGKILLs the process at that point
-#: of a commit (points: "in-version", "before-pointer", "after-pointer").
+#: Testing hook (fault injection): ``DELTAMEM_STORE_CRASH_AT="POINT:SESSION:VERSION,..."``
+#: SIGKILLs the process at POINT of the commit of VERSION of SESSION (points:
+#: "in-version" — the snapshot files written, the info file not; "before-pointer" —
+#: the version directory in place, CURRENT not updated; "after-pointer").
 CRASH_ENV = "DELTAMEM_STORE_CRASH_AT"
+CRASH_POINTS = ("in-version", "before-pointer", "after-pointer")
+
+
+def _crash_rules(spec: str) -> set[tuple[str, str, int]]:
+    rules = set()
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        point, _, rest = item.partition(":")
+        sid, _, version = rest.rpartition(":")
+        if point not in CRASH_POINTS or not sid or not version.isdigit():
+            raise ValueError(f"{CRASH_ENV}: {item!r} is not POINT:SESSION:VERSION with POINT "
+                             f"one of {CRASH_POINTS}")
+        rules.add((point, sid, int(version)))
+    return rules
 
 
 def valid_name(name: str) -> bool:
@@ -85,7 +100,7 @@ class SessionStore:
         self.fsync = fsync
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        self._crash_at = os.environ.get(CRASH_ENV) or None
+        self._crash = _crash_rules(os.environ.get(CRASH_ENV, ""))
 
     # ------------------------------------------------------------------ paths
     def _dir(self, namespace: str, sid: str) -> Path:
@@ -112,8 +127,8 @@ class SessionStore:
                                 f"committed version directory")
         return int(m.group(1))
 
-    def _fault(self, point: str) -> None:
-        if self._crash_at == point:
+    def _fault(self, point: str, sid: str, version: int) -> None:
+        if (point, sid, version) in self._crash:
             os.kill(os.getpid(), signal.SIGKILL)
 
     # ------------------------------------------------------------------ queries
@@ -181,8 +196,9 @@ class SessionStore:
     # ------------------------------------------------------------------ changes
     def commit(self, namespace: str, sid: str, state: SessionState,
                info: dict[str, Any]) -> dict[str, Any]:
-        """Make ``state`` the session's committed version; returns the info written
-        (``info`` plus ``version`` and ``state_sha256``)."""
+        """Make ``state`` the session's committed version; returns the info written:
+        ``info`` plus ``version``, ``state_sha256`` (:func:`state_digest`) and
+        ``content_sha256`` (the same without the sampling key)."""
         d = self._dir(namespace, sid)
         with self.lock(namespace, sid):
             new_dir = not d.exists()
@@ -191,16 +207,17 @@ class SessionStore:
                 fsync_dir(d.parent)
                 fsync_dir(d.parent.parent)
             v = (self._current(d) or 0) + 1
-            info = dict(info, version=v, state_sha256=state_digest(state))
+            info = dict(info, version=v, state_sha256=state_digest(state),
+                        content_sha256=state_digest(state, include_rng=False))
             name = f"v{v:08d}"
             with atomic_directory(d / name, fsync=self.fsync) as tmp:
                 write_snapshot_files(tmp, state, self.runner)
-                self._fault("in-version")
+                self._fault("in-version", sid, v)
                 with open(os.path.join(tmp, INFO_FILE), "w") as f:
                     json.dump(info, f, indent=1)
-            self._fault("before-pointer")
+            self._fault("before-pointer", sid, v)
             atomic_write_text(d / POINTER_FILE, name + "\n", fsync=self.fsync)
-            self._fault("after-pointer")
+            self._fault("after-pointer", sid, v)
             for old in d.iterdir():
                 if old.name != name and old.name != POINTER_FILE:
                     _remove(old)

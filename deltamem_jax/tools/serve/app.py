@@ -262,5 +262,6 @@ def create_app(service: Service) -> FastAPI:
 def _session_view(info: dict[str, Any] | None) -> dict[str, Any] | None:
     if info is None:
         return None
-    keys = ("id", "turns", "tokens_written", "window_tokens", "version", "state_sha256")
+    keys = ("id", "turns", "tokens_written", "window_tokens", "version", "state_sha256",
+            "content_sha256")
     return {k: info[k] for k in keys if k in info}

@@ -87,24 +87,30 @@ def _keys(args, parser) -> tuple[str, ...]:
 
 
 def _warm_up(service) -> None:
-    """Compile what the first requests need: a stateless turn through the scheduler."""
+    """Compile what the first requests need: two stateless turns through the scheduler, the
+    first longer than the window (full-chunk prefill, compaction, decoding)."""
     from deltamem_jax.inference.scheduler import Turn
 
-    done = threading.Event()
-    errors: list = []
+    c = service.config
+    text = "Hello! "
+    while len(service.tokenizer.encode(text)) < c.window + c.chunk:
+        text += text
+    session = service.new_session()
+    for content in (text, "Thanks."):
+        done = threading.Event()
+        errors: list = []
 
-    def on_event(e):
-        if e.kind == "error":
-            errors.append(e.error)
-        if e.kind in ("done", "error"):
-            done.set()
+        def on_event(e, done=done, errors=errors):
+            if e.kind == "error":
+                errors.append(e.error)
+            if e.kind in ("done", "error"):
+                done.set()
 
-    service.scheduler.submit(Turn(session=service.new_session(),
-                                  messages=[{"role": "user", "content": "Hello!"}],
-                                  max_tokens=2, on_event=on_event))
-    done.wait()
-    if errors:
-        raise RuntimeError(f"warm-up turn failed: {errors[0]!r}")
+        service.scheduler.submit(Turn(session=session, on_event=on_event, max_tokens=2,
+                                      messages=[{"role": "user", "content": content}]))
+        done.wait()
+        if errors:
+            raise RuntimeError(f"warm-up turn failed: {errors[0]!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

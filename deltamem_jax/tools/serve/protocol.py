@@ -134,6 +134,13 @@ def _refuse_unsupported(req: ChatRequest) -> None:
                                 f"{', '.join(ROLES)})", param=f"messages.{i}.role")
         if m.content is None:
             raise APIError(400, f"messages[{i}] has no content", param=f"messages.{i}.content")
+        texts = [m.content] if isinstance(m.content, str) else [p.text for p in m.content]
+        try:
+            for t in texts:
+                t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, f"messages[{i}].content is not valid Unicode (a lone "
+                                f"surrogate?)", param=f"messages.{i}.content") from None
     stops = stop_strings(req)
     if len(stops) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
         raise APIError(400, f"stop takes at most {MAX_STOPS} non-empty strings of at most "

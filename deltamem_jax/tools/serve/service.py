@@ -261,7 +261,11 @@ class Service:
             session = stored.session if stored is not None else self.new_session()
             info = stored.info if stored is not None else {"created": time.time(), "turns": 0}
             new = new_messages(session.messages, sent, mode)
-            added = await run_in_threadpool(_count_new_tokens, session, new)
+            try:
+                added = await run_in_threadpool(_count_new_tokens, session, new)
+            except ValueError as e:              # the tokenizer or its template refuses them
+                raise APIError(400, f"the messages cannot be rendered: {e}",
+                               param="messages") from None
             if added > c.max_prompt_tokens:
                 raise APIError(400, f"the new messages are {added} tokens; this server takes "
                                     f"at most {c.max_prompt_tokens} per request",
