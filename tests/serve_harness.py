@@ -48,6 +48,8 @@ class ServerProcess:
         self.env["PYTHONPATH"] = os.pathsep.join(
             [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
         self.env["JAX_PLATFORMS"] = "cpu"
+        # cache every compiled program, however quick, so that restarts skip compiling
+        self.env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
         self.env.update(env or {})
         self.proc: subprocess.Popen | None = None
         self.port = None
