@@ -96,7 +96,7 @@ def test_sample_rows_matches_sample_logits():
     temps = jnp.asarray([t for t, _ in settings])
     tops = jnp.asarray([p for _, p in settings])
     for trial in range(4):
-        ks = jax.vmap(lambda k: jax.random.fold_in(k, trial))(keys)
+        ks = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, trial)
         got = np.asarray(sample_rows(logits, ks, temps, tops))
         for b, (t, p) in enumerate(settings):
             want = sample_logits(logits[b:b + 1], ks[b], SamplingConfig(temperature=t, top_p=p))
@@ -117,7 +117,7 @@ def test_batched_turns_equal_turns_alone_and_session_reply(runner, scheduler):
     """Six sessions (more than the four slots: requests join and leave) decoded together give,
     bit for bit, the tokens and states each gives alone; greedy, they match Session.reply."""
     prepared = [_prepared(runner, h, seed=i) for i, h in enumerate(HISTORIES)]
-    kinds = [dict(), dict(temperature=1.0, rng=jax.random.key(7))] * 3
+    kinds = [{}, {"temperature": 1.0, "rng": jax.random.key(7)}] * 3
 
     alone = []
     for s, h, kw in zip(prepared, HISTORIES, kinds):

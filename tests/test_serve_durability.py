@@ -24,7 +24,7 @@ def server(tmp_path_factory):
     srv = ServerProcess(*dirs, tmp_path_factory.mktemp("durable") / "state",
                         env={CRASH_ENV: CRASHES},
                         args=("--window", "64", "--chunk", "32", "--max-tokens", "384",
-                              "--slots", "4"))
+                              "--slots", "4", "--log-level", "warning"))
     srv.start()
     yield srv
     srv.stop()
