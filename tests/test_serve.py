@@ -42,7 +42,7 @@ def reference(dirs):
     runner = Runner(load_pretrained(*dirs))
 
     def make():
-        return Session(runner, ByteTokenizer(), window=WINDOW, chunk=CHUNK,
+        return Session(runner, ByteTokenizer(), window=WINDOW, keep=WINDOW // 2, chunk=CHUNK,
                        capacity=Session.required_capacity(WINDOW, LIMIT, CHUNK),
                        sampling=SamplingConfig(max_new_tokens=8))
     return make
@@ -373,7 +373,9 @@ def test_fuzz_then_still_serving_and_sessions_intact(server):
                 pass
         count += 1
     assert count >= 280 and statuses.get(400, 0) > 150
-    assert server.alive() and server.request("GET", "/health")[0] == 200
+    status, health = server.request("GET", "/health")
+    assert server.alive() and status == 200
+    assert health["live_turns"] == 0 and health["busy_sessions"] == 0   # nothing held
     # requests aimed at existing sessions were all refused (invalid, or a conflicting
     # "full" history): every session is bit for bit what it was
     assert {s: server.session(s)["state_sha256"] for s in sids} == before

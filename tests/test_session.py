@@ -405,3 +405,20 @@ def test_snapshot_errors_name_the_file(runner, tok, tmp_path):
         assert str(bad) in str(err.value), name
     assert state_digest(Session.restore(good, runner, tok).to_state()) == \
         state_digest(s.to_state())
+
+
+def test_keep_rebuilds_the_window_less_often(runner, tok):
+    """keep=K: a full window is rebuilt down to K tokens, so rebuilds are rarer; the cache
+    never exceeds the window and every token is still written exactly once."""
+    every, rare = _session(runner, tok, window=40), _session(runner, tok, window=40, keep=16)
+    for s in (every, rare):
+        for role, content in CONVERSATION:
+            s.add_message(role, content)
+            assert s.stats()["cache_tokens"] <= 40
+            assert s.cache_ids == s.ids[len(s.ids) - s.stats()["cache_tokens"]:]
+    assert 0 < rare.stats()["compactions"] < every.stats()["compactions"]
+    assert rare.tokens_written == every.tokens_written == len(rare.ids)
+    np.testing.assert_allclose(np.asarray(rare.memory_state)[0],       # layer 0: embeddings
+                               np.asarray(every.memory_state)[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="keep must be"):
+        _session(runner, tok, window=40, keep=40)

@@ -40,13 +40,13 @@ __all__ = ["SlotDecoder"]
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "eos", "pad_id"),
                    donate_argnames=("memory", "cache", "logits", "keys"))
-def _step(graphdef, state, memory, cache, logits, keys, live, temperature, top_p, *,
+def _step(graphdef, state, memory, cache, logits, keys, live, stops, temperature, top_p, *,
           eos: tuple[int, ...], pad_id: int):
     model = nnx.merge(graphdef, state)
     split = jax.vmap(lambda k: jax.random.split(jax.random.wrap_key_data(k)))(keys)
     keys, sub = jax.random.key_data(split[:, 0]), split[:, 1]
     token = sample_rows(logits, sub, temperature, top_p)
-    is_eos = jnp.isin(token, jnp.asarray(eos if eos else (-1,), jnp.int32))
+    is_eos = jnp.isin(token, jnp.asarray(eos if eos else (-1,), jnp.int32)) & stops
     feed = live & ~is_eos
 
     def one(tok, fed, mem, c):
@@ -101,15 +101,18 @@ class SlotDecoder:
         self.live = np.zeros(self.slots, bool)
         self._temperature = np.zeros(self.slots, np.float32)
         self._top_p = np.ones(self.slots, np.float32)
+        self._stops = np.ones(self.slots, bool)
 
     # ------------------------------------------------------------------ slots
     def free_slots(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self.live)]
 
     def insert(self, slot: int, memory_state, cache: KVCache, logits, *, rng,
-               temperature: float = 0.0, top_p: float = 1.0) -> None:
+               temperature: float = 0.0, top_p: float = 1.0, ignore_eos: bool = False) -> None:
         """Put a session into free ``slot``: its state and cache after its prompt, the
-        prompt's last logits ``[V]``, its sampling key and settings; the slot goes live."""
+        prompt's last logits ``[V]``, its sampling key and settings; the slot goes live.
+        ``ignore_eos``: end tokens are fed like any other (fixed-length replies, for
+        benchmarks)."""
         if self.live[slot]:
             raise ValueError(f"slot {slot} is in use")
         if cache.batch_size != 1 or cache.max_length != self.capacity:
@@ -129,6 +132,7 @@ class SlotDecoder:
             self._memory, self._cache, self._logits, self._keys = out
         self._temperature[slot] = float(temperature)
         self._top_p[slot] = float(top_p)
+        self._stops[slot] = not ignore_eos
         self.live[slot] = True
 
     def extract(self, slot: int) -> tuple[jax.Array | None, KVCache]:
@@ -153,6 +157,7 @@ class SlotDecoder:
         r = self.runner
         token, is_eos, self._logits, self._memory, self._cache, self._keys = _step(
             r.graphdef, r.state, self._memory, self._cache, self._logits, self._keys,
-            jnp.asarray(self.live), jnp.asarray(self._temperature), jnp.asarray(self._top_p),
+            jnp.asarray(self.live), jnp.asarray(self._stops), jnp.asarray(self._temperature),
+            jnp.asarray(self._top_p),
             eos=self.eos_ids, pad_id=self.pad_id)
         return np.asarray(token), np.asarray(is_eos)

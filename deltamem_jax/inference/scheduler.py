@@ -65,6 +65,7 @@ class Turn:
     top_p: float = 1.0
     rng: Any = None                  # a PRNG key; None = split from the session's own key
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False         # feed end tokens too: replies of exactly max_tokens
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
@@ -190,7 +191,8 @@ class Scheduler:
         pending = s.begin_reply(turn.max_tokens)
         rng = turn.rng if turn.rng is not None else s.next_rng()
         self.decoder.insert(slot, pending.memory_state, pending.cache, pending.logits, rng=rng,
-                            temperature=turn.temperature, top_p=turn.top_p)
+                            temperature=turn.temperature, top_p=turn.top_p,
+                            ignore_eos=turn.ignore_eos)
         act = _Active(turn, pending, len(s.ids) - before)
         self._active[slot] = act
         self.stats["max_live"] = max(self.stats["max_live"], len(self._active))

@@ -16,7 +16,11 @@ the memory keeps integrating every token regardless of the window — that is th
 point of δ-mem. Consequences: RoPE positions restart at 0 for the rebuilt
 window, and keys/values are recomputed with the current memory state (this
 matters only with Δk/Δv heads), i.e. the rebuilt window is exactly the
-"read-only pass over recent turns" regime of training (SPEC §3).
+"read-only pass over recent turns" regime of training (SPEC §3). A rebuild
+keeps ``window - n`` tokens (n = the tokens about to be fed), so with a full
+window every chunk fed rebuilds it; ``keep=K`` keeps at most K instead (the
+cache then holds between K and N tokens, and a rebuild happens once per
+N - K tokens: what a server wants).
 
 **Fixed shapes.** The cache has a fixed capacity (``window`` + room for a
 reply and one padded chunk; with ``window=None`` it doubles when full), and
@@ -125,12 +129,14 @@ class Session:
       capacity: initial KV-cache length (default: what the window and a reply
         need; with ``window=None`` it doubles when full). A fixed capacity shared
         by sessions means shared compiled code.
+      keep: with a window, how many recent tokens a rebuild keeps at most (None =
+        as many as fit: ``window`` minus what is being fed).
     """
 
     def __init__(self, model, tokenizer, *, window: int | None = None,
                  max_new_tokens: int = 256, sampling: SamplingConfig | None = None,
                  chunk: int = 256, system: str | None = None, seed: int = 0,
-                 capacity: int | None = None):
+                 capacity: int | None = None, keep: int | None = None):
         if not isinstance(model, (Runner, DecoderLM)):
             raise TypeError(f"Session needs a DecoderLM or a Runner, got {type(model).__name__}")
         self.runner = model if isinstance(model, Runner) else Runner(model)
@@ -145,6 +151,10 @@ class Session:
             raise ValueError(f"chunk must be a power of two ≥ 1, got {chunk}")
         if window is not None and window < 1:
             raise ValueError(f"window must be ≥ 1 or None, got {window}")
+        if keep is not None and (window is None or not 0 <= keep < window):
+            raise ValueError(f"keep must be in [0, window) and needs a window, got keep={keep} "
+                             f"window={window}")
+        self.keep = keep
         self.tokenizer = tokenizer
         self.window = window
         self.chunk = chunk
@@ -384,7 +394,7 @@ class Session:
             return
         if n > self.window:
             raise ValueError(f"{n} tokens do not fit in a window of {self.window}")
-        keep = self.window - n
+        keep = self.window - n if self.keep is None else min(self.keep, self.window - n)
         kept = self._ids[len(self._ids) - keep:] if keep else []
         self._cache = self._fresh_cache()
         self._cache_len = 0
@@ -445,7 +455,7 @@ class Session:
             self._memory = out.memory_state
         if record:
             self._ids.extend(int(i) for i in ids)
-            self._logits = out.logits[0, n - 1]
+            self._logits = _row(out.logits, jnp.asarray(n - 1, jnp.int32))
             if write:
                 self.tokens_written += n
                 self._beta_means = out.beta_means
@@ -457,7 +467,8 @@ class Session:
             messages=[dict(m) for m in self.messages], ids=list(self._ids), memory=self._memory,
             cache=self._cache, cache_len=self._cache_len, cache_start=self._cache_start,
             logits=self._logits, beta_means=self._beta_means, rng=self._rng,
-            settings={"window": self.window, "chunk": self.chunk, "system": self.system,
+            settings={"window": self.window, "keep": self.keep, "chunk": self.chunk,
+                      "system": self.system,
                       "seed": self.seed, "capacity": self._capacity,
                       "sampling": dataclasses.asdict(self.sampling)},
             counters={"tokens_written": self.tokens_written, "rebuilds": self.rebuilds,
@@ -470,7 +481,8 @@ class Session:
         try:
             sampling = SamplingConfig(**s["sampling"])
             self = cls(model, tokenizer, window=s["window"], chunk=s["chunk"], system=None,
-                       sampling=sampling, seed=s["seed"], capacity=s["capacity"])
+                       sampling=sampling, seed=s["seed"], capacity=s["capacity"],
+                       keep=s.get("keep"))
         except (KeyError, TypeError, ValueError) as e:
             raise SnapshotError(f"session settings {s!r} are not usable: {e}") from e
         if self._capacity != state.cache.max_length:
@@ -523,6 +535,12 @@ class Session:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+@jax.jit
+def _row(logits, i):
+    """``logits[0, i]`` with ``i`` traced: one program per bucket, not one per length."""
+    return jax.lax.dynamic_index_in_dim(logits[0], i, 0, keepdims=False)
 
 
 def _model_device(runner: Runner):

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import weakref
 import zipfile
 from typing import Any
 
@@ -47,9 +48,11 @@ __all__ = [
     "SessionState",
     "SnapshotError",
     "cache_layers",
+    "compute_model_signature",
     "model_signature",
     "read_snapshot",
     "state_digest",
+    "state_digests",
     "write_snapshot",
     "write_snapshot_files",
 ]
@@ -94,7 +97,20 @@ def cache_layers(arrays) -> list:
     return [arrays[i] for i in range(arrays.shape[0])]
 
 
+_SIGNATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def model_signature(runner: Runner) -> dict[str, Any]:
+    """:func:`compute_model_signature`, remembered per runner (until its state changes)."""
+    hit = _SIGNATURES.get(runner)
+    if hit is not None and hit[0] is runner.state:
+        return hit[1]
+    sig = compute_model_signature(runner)
+    _SIGNATURES[runner] = (runner.state, sig)
+    return sig
+
+
+def compute_model_signature(runner: Runner) -> dict[str, Any]:
     """What a snapshot must match: architecture, δ-mem config and a hash of δ-mem weights.
 
     The hash is computed layer by layer in the unscanned layout's terms, so the two
@@ -127,28 +143,24 @@ def model_signature(runner: Runner) -> dict[str, Any]:
 
 
 def _to_storable(x) -> np.ndarray:
-    a = np.asarray(jax.device_get(x))
+    a = np.ascontiguousarray(jax.device_get(x))
     if a.dtype.kind == "V" or str(a.dtype) == "bfloat16":
         return a.view(np.uint16)
     return a
 
 
-def _from_stored(a: np.ndarray, stored_dtype: str, dtype) -> jax.Array:
-    if stored_dtype == "bfloat16":
-        a = a.view(jnp.bfloat16)
-    return jnp.asarray(a).astype(dtype)
-
-
 def _arrays(state: SessionState) -> tuple[dict[str, np.ndarray], str]:
+    """The snapshot's arrays on the host (sliced there: no device program per length)."""
     n = state.cache_len
-    keys, values = cache_layers(state.cache.keys), cache_layers(state.cache.values)
+    host = jax.device_get((state.cache.keys, state.cache.values, state.cache.mask))
+    keys, values = cache_layers(host[0]), cache_layers(host[1])
     arrays: dict[str, np.ndarray] = {
-        "cache_mask": np.asarray(state.cache.mask[:, :n]),
+        "cache_mask": np.asarray(host[2])[:, :n],
         "rng": np.asarray(jax.random.key_data(state.rng)),
     }
     for i, (k, v) in enumerate(zip(keys, values)):
-        arrays[f"key_{i}"] = _to_storable(k[:, :n])
-        arrays[f"value_{i}"] = _to_storable(v[:, :n])
+        arrays[f"key_{i}"] = _to_storable(np.asarray(k)[:, :n])
+        arrays[f"value_{i}"] = _to_storable(np.asarray(v)[:, :n])
     if state.memory is not None:
         arrays["memory_state"] = np.asarray(state.memory)
     if state.logits is not None:
@@ -276,28 +288,34 @@ def read_snapshot(path: str | os.PathLike, runner: Runner, *,
 
     arrays = _load_arrays(arrays_file)
     cfg = runner.config
-    init = runner.init_cache(1, capacity)
-    layers = cache_layers(init.keys)
+    init = jax.eval_shape(lambda: runner.init_cache(1, capacity))   # layout and dtype only
+    stacked = not isinstance(init.keys, (tuple, list))
+    n_layers = init.keys.shape[0] if stacked else len(init.keys)
+    dtype = np.dtype((init.keys if stacked else init.keys[0]).dtype if n_layers else np.float32)
     kv_shape = (1, n, cfg.num_key_value_heads, cfg.head_dim)
-    try:
-        keys = [_from_stored(_array(arrays, f"key_{i}", kv_shape, arrays_file), cache_dtype,
-                             layers[i].dtype) for i in range(len(layers))]
-        values = [_from_stored(_array(arrays, f"value_{i}", kv_shape, arrays_file), cache_dtype,
-                               layers[i].dtype) for i in range(len(layers))]
-    except (TypeError, ValueError) as e:
-        if isinstance(e, SnapshotError):
-            raise
-        raise SnapshotError(f"{arrays_file}: cache arrays of dtype {cache_dtype!r} do not fit "
-                            f"the model: {e}") from e
-    if isinstance(init.keys, (tuple, list)):
-        new_keys = tuple(k.at[:, :n].set(x) for k, x in zip(init.keys, keys))
-        new_values = tuple(v.at[:, :n].set(x) for v, x in zip(init.values, values))
+    full = (1, capacity, cfg.num_key_value_heads, cfg.head_dim)
+
+    def filled(name: str) -> np.ndarray:          # assembled on the host: no per-length compile
+        a = _array(arrays, name, kv_shape, arrays_file)
+        if cache_dtype == "bfloat16":
+            a = a.view(jnp.bfloat16)
+        out = np.zeros(full, dtype)
+        try:
+            out[:, :n] = a
+        except (TypeError, ValueError) as e:
+            raise SnapshotError(f"{arrays_file}: array {name!r} of dtype {cache_dtype!r} does "
+                                f"not fit the model's cache ({dtype}): {e}") from e
+        return out
+
+    keys = [filled(f"key_{i}") for i in range(n_layers)]
+    values = [filled(f"value_{i}") for i in range(n_layers)]
+    if not stacked:
+        new_keys, new_values = tuple(map(jnp.asarray, keys)), tuple(map(jnp.asarray, values))
     else:
-        new_keys = init.keys.at[:, :, :n].set(jnp.stack(keys)) if keys else init.keys
-        new_values = init.values.at[:, :, :n].set(jnp.stack(values)) if values else init.values
-    mask = init.mask.at[:, :n].set(jnp.asarray(_array(arrays, "cache_mask", (1, n),
-                                                      arrays_file), bool))
-    cache = KVCache(new_keys, new_values, mask, jnp.asarray([positions], jnp.int32),
+        new_keys, new_values = jnp.asarray(np.stack(keys)), jnp.asarray(np.stack(values))
+    mask = np.zeros((1, capacity), bool)
+    mask[:, :n] = _array(arrays, "cache_mask", (1, n), arrays_file)
+    cache = KVCache(new_keys, new_values, jnp.asarray(mask), jnp.asarray([positions], jnp.int32),
                     jnp.asarray(n, jnp.int32))
 
     memory = None
@@ -321,15 +339,14 @@ def read_snapshot(path: str | os.PathLike, runner: Runner, *,
         settings=dict(settings), counters={k: int(v) for k, v in counters.items()})
 
 
-def state_digest(state: SessionState, *, include_rng: bool = True) -> str:
-    """SHA-256 over everything that decides a session's future: token ids, messages,
-    δ-mem state, the cached window (keys, values, mask, position), next-token logits and
-    (unless ``include_rng=False``) the sampling key. Two sessions with the same digest
-    continue identically, bit for bit."""
+def state_digests(state: SessionState) -> tuple[str, str]:
+    """``(state_sha256, content_sha256)``: SHA-256 over everything that decides a session's
+    future — token ids, messages, δ-mem state, the cached window (keys, values, mask,
+    position), next-token logits — without (content) and with (state) the sampling key.
+    Two sessions with the same state digest continue identically, bit for bit."""
     h = hashlib.sha256()
     arrays, _ = _arrays(state)
-    if not include_rng:
-        del arrays["rng"]
+    rng = arrays.pop("rng")
     h.update(json.dumps([state.ids, state.messages, state.cache_len, state.cache_start,
                          int(state.cache.positions[0])]).encode())
     for name in sorted(arrays):
@@ -337,4 +354,11 @@ def state_digest(state: SessionState, *, include_rng: bool = True) -> str:
         h.update(name.encode())
         h.update(str(a.dtype).encode() + str(a.shape).encode())
         h.update(a.tobytes())
-    return h.hexdigest()
+    content = h.hexdigest()
+    full = hashlib.sha256(content.encode() + np.ascontiguousarray(rng).tobytes()).hexdigest()
+    return full, content
+
+
+def state_digest(state: SessionState, *, include_rng: bool = True) -> str:
+    """One of :func:`state_digests`: with the sampling key (default) or without."""
+    return state_digests(state)[0 if include_rng else 1]

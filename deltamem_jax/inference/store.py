@@ -19,6 +19,7 @@ Idle sessions live here only: nothing of them stays on the device.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -26,7 +27,7 @@ import shutil
 import signal
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from deltamem_jax.inference.snapshot import (
     SessionState,
     SnapshotError,
     read_snapshot,
-    state_digest,
+    state_digests,
     write_snapshot_files,
 )
 from deltamem_jax.models.functional import Runner
@@ -98,7 +99,7 @@ class SessionStore:
         self.runner = runner
         self.tokenizer = tokenizer
         self.fsync = fsync
-        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._locks: dict[tuple[str, str], list] = {}     # key → [lock, users]
         self._locks_guard = threading.Lock()
         self._crash = _crash_rules(os.environ.get(CRASH_ENV, ""))
 
@@ -110,10 +111,23 @@ class SessionStore:
                                  f"[A-Za-z0-9._-], not starting with '.'")
         return self.root / namespace / sid
 
-    def lock(self, namespace: str, sid: str) -> threading.Lock:
-        """The lock that orders commits, loads and deletes of one session."""
+    @contextlib.contextmanager
+    def lock(self, namespace: str, sid: str) -> Iterator[None]:
+        """Hold the lock that orders commits, loads and deletes of one session (locks of
+        sessions nobody is using are dropped: the table does not grow with sessions)."""
+        key = (namespace, sid)
         with self._locks_guard:
-            return self._locks.setdefault((namespace, sid), threading.Lock())
+            entry = self._locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        entry[0].acquire()
+        try:
+            yield
+        finally:
+            entry[0].release()
+            with self._locks_guard:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._locks[key]
 
     @staticmethod
     def _current(d: Path) -> int | None:
@@ -197,7 +211,7 @@ class SessionStore:
     def commit(self, namespace: str, sid: str, state: SessionState,
                info: dict[str, Any]) -> dict[str, Any]:
         """Make ``state`` the session's committed version; returns the info written:
-        ``info`` plus ``version``, ``state_sha256`` (:func:`state_digest`) and
+        ``info`` plus ``version``, ``state_sha256`` (:func:`state_digests`) and
         ``content_sha256`` (the same without the sampling key)."""
         d = self._dir(namespace, sid)
         with self.lock(namespace, sid):
@@ -207,8 +221,8 @@ class SessionStore:
                 fsync_dir(d.parent)
                 fsync_dir(d.parent.parent)
             v = (self._current(d) or 0) + 1
-            info = dict(info, version=v, state_sha256=state_digest(state),
-                        content_sha256=state_digest(state, include_rng=False))
+            full, content = state_digests(state)
+            info = dict(info, version=v, state_sha256=full, content_sha256=content)
             name = f"v{v:08d}"
             with atomic_directory(d / name, fsync=self.fsync) as tmp:
                 write_snapshot_files(tmp, state, self.runner)

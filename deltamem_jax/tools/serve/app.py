@@ -166,6 +166,7 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok", "live_turns": service.scheduler.live,
+                "busy_sessions": service.busy_sessions,
                 "uptime_s": round(time.time() - service.started, 1)}
 
     def model_card() -> dict[str, Any]:

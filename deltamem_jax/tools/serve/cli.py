@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a non-loopback --host without API keys")
     p.add_argument("--slots", type=int, default=8, help="sessions decoded in one batch")
     p.add_argument("--window", type=int, default=1024, help="KV-cache window per session")
+    p.add_argument("--keep", type=int, help="tokens a full window keeps when it is rebuilt "
+                                            "(default: half the window)")
     p.add_argument("--chunk", type=int, default=256, help="longest prefill pass (power of 2)")
     p.add_argument("--max-tokens", type=int, default=512,
                    help="the most tokens one reply may ask for")
@@ -135,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = ServeConfig(
             state_dir=Path(args.state_dir), api_keys=keys, slots=args.slots,
             model_name=args.model_name or Path(os.path.abspath(args.model)).name,
-            window=args.window, chunk=args.chunk, max_tokens=args.max_tokens,
+            window=args.window, keep=args.keep, chunk=args.chunk, max_tokens=args.max_tokens,
             max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes,
             max_queue=args.max_queue, fsync=not args.no_fsync)
     except ValueError as e:

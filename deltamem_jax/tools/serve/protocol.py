@@ -87,6 +87,7 @@ class ChatRequest(_Strict):
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
     user: str | None = None
+    ignore_eos: bool | None = None   # an extension (as in vLLM): replies of max_tokens tokens
 
 
 def parse_chat_request(body: bytes) -> ChatRequest:

@@ -12,6 +12,7 @@ then never committed (the session stays at its last acknowledged turn).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -61,6 +62,7 @@ class ServeConfig:
     api_keys: tuple[str, ...] = ()
     slots: int = 8
     window: int = 1024
+    keep: int | None = None          # tokens a window rebuild keeps (None: window // 2)
     chunk: int = 256
     max_tokens: int = 512            # the most a request may ask for (sizes every cache)
     max_prompt_tokens: int = 32768   # the most tokens one request may add to a session
@@ -75,6 +77,49 @@ class ServeConfig:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.chunk & (self.chunk - 1):
             raise ValueError(f"chunk must be a power of two, got {self.chunk}")
+        if self.keep is not None and not 0 <= self.keep < self.window:
+            raise ValueError(f"keep must be in [0, window), got {self.keep}")
+
+    @property
+    def kept(self) -> int:
+        return self.window // 2 if self.keep is None else self.keep
+
+
+class _Locks:
+    """One asyncio lock per session, dropped when nobody holds or awaits it."""
+
+    def __init__(self):
+        self._entries: dict[tuple[str, str], list] = {}     # key → [lock, users]
+
+    async def acquire(self, key: tuple[str, str]) -> None:
+        entry = self._entries.setdefault(key, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            await entry[0].acquire()
+        except BaseException:
+            self._leave(key)
+            raise
+
+    def release(self, key: tuple[str, str]) -> None:
+        self._entries[key][0].release()
+        self._leave(key)
+
+    def _leave(self, key: tuple[str, str]) -> None:
+        entry = self._entries[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._entries[key]
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: tuple[str, str]):
+        await self.acquire(key)
+        try:
+            yield
+        finally:
+            self.release(key)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 @dataclasses.dataclass
@@ -102,12 +147,17 @@ class Service:
                                    capacity=self.capacity).start()
         self._namespaces = {hashlib.sha256(k.encode()).hexdigest()[:32]: k
                             for k in config.api_keys}
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._locks = _Locks()
         self._in_flight = 0
         self.started = time.time()
 
     def close(self) -> None:
         self.scheduler.close()
+
+    @property
+    def busy_sessions(self) -> int:
+        """Sessions with a request holding or awaiting their lock."""
+        return len(self._locks)
 
     # ------------------------------------------------------------------ identity
     def namespace(self, authorization: str | None) -> str:
@@ -131,12 +181,9 @@ class Service:
                            code="invalid_session_id")
         return sid
 
-    def _lock(self, ns: str, sid: str) -> asyncio.Lock:
-        return self._locks.setdefault((ns, sid), asyncio.Lock())
-
     def new_session(self) -> Session:
         c = self.config
-        return Session(self.runner, self.tokenizer, window=c.window, chunk=c.chunk,
+        return Session(self.runner, self.tokenizer, window=c.window, keep=c.kept, chunk=c.chunk,
                        capacity=self.capacity, seed=int.from_bytes(os.urandom(4), "little"),
                        sampling=SamplingConfig(max_new_tokens=c.max_tokens))
 
@@ -165,7 +212,7 @@ class Service:
 
     async def delete(self, ns: str, sid: str) -> dict[str, Any]:
         self.check_session_id(sid)
-        async with self._lock(ns, sid):
+        async with self._locks.hold((ns, sid)):
             gone = await run_in_threadpool(self.store.delete, ns, sid)
         if not gone:
             raise APIError(404, f"no session {sid!r}", param="session_id",
@@ -180,7 +227,7 @@ class Service:
         if not valid_name(name):
             raise APIError(400, "invalid snapshot name: use 1-128 characters of "
                                 "[A-Za-z0-9._-], not starting with '.'", param="name")
-        async with self._lock(ns, sid):
+        async with self._locks.hold((ns, sid)):
             def copy():
                 with self.store.lock(ns, sid):
                     src = self.store.version_dir(ns, sid)
@@ -207,7 +254,7 @@ class Service:
         if not path.is_dir():
             raise APIError(404, f"session {source!r} has no snapshot {name!r}", param="snapshot",
                            code="snapshot_not_found")
-        async with self._lock(ns, sid):
+        async with self._locks.hold((ns, sid)):
             try:
                 state, snap_info = await run_in_threadpool(self.store.read_version, path)
             except SnapshotError as e:
@@ -215,7 +262,7 @@ class Service:
                                     f"{str(e).replace(str(self.snapshots), '<snapshots>')}",
                                param="snapshot", code="snapshot_unusable") from None
             want = self.new_session().to_state().settings
-            for key in ("window", "chunk", "capacity"):
+            for key in ("window", "keep", "chunk", "capacity"):
                 if state.settings.get(key) != want[key]:
                     raise APIError(409, f"snapshot {name!r} was taken with {key}="
                                         f"{state.settings.get(key)}, this server uses "
@@ -254,8 +301,8 @@ class Service:
         lock = None
         if sid is not None:
             self.check_session_id(sid)
-            lock = self._lock(ns, sid)
-            await lock.acquire()
+            lock = (ns, sid)
+            await self._locks.acquire(lock)
         try:
             stored = await self._load(ns, sid) if sid is not None else None
             session = stored.session if stored is not None else self.new_session()
@@ -276,7 +323,7 @@ class Service:
                         temperature=1.0 if req.temperature is None else req.temperature,
                         top_p=1.0 if req.top_p is None else req.top_p,
                         rng=None if req.seed is None else key_from_seed(req.seed),
-                        stop=stop_strings(req),
+                        stop=stop_strings(req), ignore_eos=bool(req.ignore_eos),
                         on_event=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
             job = TurnJob(turn, asyncio.Queue())
             self._in_flight += 1
@@ -290,10 +337,10 @@ class Service:
             return job
         finally:
             if lock is not None:
-                lock.release()
+                self._locks.release(lock)
 
     async def _drive(self, job: TurnJob, events: asyncio.Queue, ns: str, sid: str | None,
-                     info: dict[str, Any], lock: asyncio.Lock | None) -> None:
+                     info: dict[str, Any], lock: tuple[str, str] | None) -> None:
         try:
             while True:
                 ev: TurnEvent = await events.get()
@@ -326,7 +373,7 @@ class Service:
         finally:
             self._in_flight -= 1
             if lock is not None:
-                lock.release()
+                self._locks.release(lock)
 
     async def run_turn(self, job: TurnJob) -> tuple[TurnEvent, dict | None]:
         """Wait for the turn's end: (done event, committed session info or None)."""
