@@ -9,6 +9,7 @@ from deltamem_jax.tools.serve import process
 
 MODEL_NAME = "tiny"
 ARGS = ("--window", "64", "--chunk", "32", "--max-tokens", "16", "--slots", "4",
+        "--prefill-rows", "2",
         "--max-prompt-tokens", "2048", "--max-body-bytes", "65536", "--log-level", "warning")
 
 

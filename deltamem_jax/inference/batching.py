@@ -32,10 +32,11 @@ import numpy as np
 from flax import nnx
 
 from deltamem_jax.inference.generation import sample_rows
+from deltamem_jax.inference.session import Pass, PassResult
 from deltamem_jax.models.cache import KVCache
 from deltamem_jax.models.functional import Runner
 
-__all__ = ["SlotDecoder"]
+__all__ = ["SlotDecoder", "run_passes"]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "eos", "pad_id"),
@@ -57,6 +58,41 @@ def _step(graphdef, state, memory, cache, logits, keys, live, stops, temperature
 
     new_logits, memory, cache = jax.vmap(one)(token, feed, memory, cache)
     return token, is_eos, new_logits, memory, cache, keys
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "write"))
+def _passes(graphdef, state, ids, mask, memory, cache, last, *, write: bool):
+    """Rows of batch-1 passes stacked and run together (vmap: each row keeps its own
+    cache index and positions), then split again."""
+    model = nnx.merge(graphdef, state)
+    stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)
+
+    def one(i, m, mem, c, k):
+        out = model(i, attention_mask=m, memory_state=mem, cache=c, write=write)
+        return (jax.lax.dynamic_index_in_dim(out.logits[0], k, 0, keepdims=False),
+                out.memory_state, out.cache, out.beta_means)
+
+    res = jax.vmap(one)(stack(ids), stack(mask), stack(memory), stack(cache), jnp.stack(last))
+    return [jax.tree.map(lambda a, j=j: a[j], res) for j in range(len(ids))]
+
+
+def run_passes(runner: Runner, passes: Sequence[Pass], *, rows: int | None = None
+               ) -> list[PassResult]:
+    """Run many sessions' :class:`~deltamem_jax.inference.session.Pass` es of one shape and
+    write flag in one jitted call; ``rows`` pads the batch to that many rows (repeating the
+    first pass, whose extra results are dropped) so that batch sizes, and with them the
+    compiled programs, stay few. Row b's result equals ``Session.run_pass`` of pass b."""
+    if not passes:
+        return []
+    p0 = passes[0]
+    if any(p.ids.shape != p0.ids.shape or p.write != p0.write for p in passes):
+        raise ValueError("run_passes: every pass must have the same length and write flag")
+    padded = list(passes) + [p0] * max(0, (rows or len(passes)) - len(passes))
+    out = _passes(runner.graphdef, runner.state, tuple(p.ids for p in padded),
+                  tuple(p.mask for p in padded), tuple(p.memory_state for p in padded),
+                  tuple(p.cache for p in padded),
+                  tuple(jnp.asarray(p.last, jnp.int32) for p in padded), write=p0.write)
+    return [PassResult(*r) for r in out[:len(passes)]]
 
 
 @functools.partial(jax.jit, donate_argnames=("big",))

@@ -46,8 +46,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Generator, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +66,8 @@ from deltamem_jax.models.cache import KVCache
 from deltamem_jax.models.decoder import DecoderLM
 from deltamem_jax.models.functional import Runner
 
-__all__ = ["SNAPSHOT_FORMAT", "SNAPSHOT_VERSION", "PendingReply", "Session", "SnapshotError"]
+__all__ = ["SNAPSHOT_FORMAT", "SNAPSHOT_VERSION", "Pass", "PassResult", "PendingReply",
+           "Session", "SnapshotError"]
 
 _MIN_BUCKET = 16
 _ROUND = 64
@@ -100,6 +101,31 @@ class PendingReply:
     max_new_tokens: int        # the cache has room for this many more
     write: bool
     checkpoint: _Checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """One model pass a session needs: ``ids``/``mask`` ``[1, T]`` (T a bucket length) over
+    its ``memory_state`` and ``cache``, writing or not; ``last`` = the last real position.
+    The :meth:`Session.add_message_passes` family yields these so that an executor can run
+    many sessions' passes in one batched call."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    memory_state: Any
+    cache: KVCache
+    write: bool
+    last: int
+
+
+class PassResult(NamedTuple):
+    """What a :class:`Pass` gives back: the ``[V]`` logits at ``last``, the new state and
+    cache (index = old index + T), and the β means of a writing pass."""
+
+    logits: Any
+    memory_state: Any
+    cache: KVCache
+    beta_means: Any
 
 
 def _round_up(n: int, m: int = _ROUND) -> int:
@@ -221,6 +247,11 @@ class Session:
     def capacity(self) -> int:
         return self._capacity
 
+    @property
+    def tokens_seen(self) -> int:
+        """How many tokens the session has processed (``len(ids)``, without the copy)."""
+        return len(self._ids)
+
     def next_token_logits(self) -> np.ndarray | None:
         """float32 ``[V]`` logits for the token after the last fed one (None if unknown)."""
         return None if self._logits is None else np.asarray(self._logits)
@@ -241,12 +272,7 @@ class Session:
     # ------------------------------------------------------------------ turns
     def add_message(self, role: str, content: str, *, write: bool = True) -> None:
         """Append a message and feed its new tokens (written into memory unless ``write=False``)."""
-        self.messages.append({"role": role, "content": content})
-        try:
-            self._sync(write=write)
-        except Exception:
-            self.messages.pop()
-            raise
+        self._drive(self.add_message_passes(role, content, write=write))
 
     def add_user(self, content: str, *, write: bool = True) -> None:
         self.add_message("user", content, write=write)
@@ -264,7 +290,7 @@ class Session:
         sampling = sampling or self.sampling
         if rng is None:
             rng = self.next_rng()
-        checkpoint, prompt = self._prepare_reply(sampling.max_new_tokens)
+        checkpoint, prompt = self._drive(self._prepare_reply(sampling.max_new_tokens))
         gen = generate(self.runner, np.asarray([prompt], np.int32),
                        memory_state=self._memory, cache=self._cache, write=write,
                        sampling=sampling, rng=rng, eos_ids=tuple(self.tokenizer.stop_ids),
@@ -272,7 +298,8 @@ class Session:
         n = int(gen.lengths[0])
         new = [int(t) for t in np.asarray(gen.tokens[0, :n])]
         self._accept(prompt + new, gen.memory_state, gen.cache, write=write)
-        return self._finish_reply(checkpoint, self.tokenizer.decode(new), write=write)
+        return self._drive(self._finish_reply(checkpoint, self.tokenizer.decode(new),
+                                              write=write))
 
     def next_rng(self) -> jax.Array:
         """A fresh sampling key from the session's own (which advances; it is saved in
@@ -289,10 +316,7 @@ class Session:
         the same ``write`` into that state, then call :meth:`end_reply`. Nothing
         else may touch the session in between.
         """
-        checkpoint, prompt = self._prepare_reply(max_new_tokens)
-        self._feed(prompt, write=write)
-        return PendingReply(self._memory, self._cache, self._logits, self._cache_len,
-                            len(self._ids), max_new_tokens, write, checkpoint)
+        return self._drive(self.begin_reply_passes(max_new_tokens, write=write))
 
     def end_reply(self, pending: PendingReply, tokens: Sequence[int], memory_state,
                   cache: KVCache, *, text: str | None = None) -> str:
@@ -305,6 +329,33 @@ class Session:
         disagree, the session reverts to before the reply and feeds the rendered
         one (so memory holds exactly what the conversation says).
         """
+        return self._drive(self.end_reply_passes(pending, tokens, memory_state, cache,
+                                                 text=text))
+
+    # The same three steps as generators of the model passes they need: ``next``/``send``
+    # them a :class:`PassResult` per :class:`Pass` (``run_pass`` computes one); their
+    # return value is the method's. An executor may run many sessions' passes together.
+    # A session whose generator was abandoned half-way must be discarded.
+
+    def add_message_passes(self, role: str, content: str, *,
+                           write: bool = True) -> Generator[Pass, PassResult, None]:
+        self.messages.append({"role": role, "content": content})
+        try:
+            yield from self._sync(write=write)
+        except Exception:
+            self.messages.pop()
+            raise
+
+    def begin_reply_passes(self, max_new_tokens: int, *,
+                           write: bool = True) -> Generator[Pass, PassResult, PendingReply]:
+        checkpoint, prompt = yield from self._prepare_reply(max_new_tokens)
+        yield from self._feed(prompt, write=write)
+        return PendingReply(self._memory, self._cache, self._logits, self._cache_len,
+                            len(self._ids), max_new_tokens, write, checkpoint)
+
+    def end_reply_passes(self, pending: PendingReply, tokens: Sequence[int], memory_state,
+                         cache: KVCache, *,
+                         text: str | None = None) -> Generator[Pass, PassResult, str]:
         tokens = [int(t) for t in tokens]
         if len(tokens) > pending.max_new_tokens:
             raise ValueError(f"{len(tokens)} tokens decoded, at most {pending.max_new_tokens} "
@@ -314,13 +365,29 @@ class Session:
         self._accept(tokens, memory_state, cache, write=pending.write)
         if text is None:
             text = self.tokenizer.decode(tokens)
-        return self._finish_reply(pending.checkpoint, text, write=pending.write)
+        return (yield from self._finish_reply(pending.checkpoint, text, write=pending.write))
 
-    def _prepare_reply(self, max_new_tokens: int) -> tuple[_Checkpoint, list[int]]:
+    def run_pass(self, p: Pass) -> PassResult:
+        """Compute one :class:`Pass` (the session's own executor: batch 1, jit-compiled)."""
+        out = self.runner(p.ids, attention_mask=p.mask, memory_state=p.memory_state,
+                          cache=p.cache, write=p.write)
+        return PassResult(_row(out.logits, jnp.asarray(p.last, jnp.int32)), out.memory_state,
+                          out.cache, out.beta_means)
+
+    def _drive(self, gen: Generator):
+        """Run a pass generator to its end with :meth:`run_pass`; returns its value."""
+        try:
+            p = next(gen)
+            while True:
+                p = gen.send(self.run_pass(p))
+        except StopIteration as stop:
+            return stop.value
+
+    def _prepare_reply(self, max_new_tokens: int):
         """The generation prompt still to feed, with room made for it and a reply."""
         target = self.tokenizer.render_chat(self.messages, add_generation_prompt=True).ids.tolist()
         if _common_prefix(self._ids, target) < len(self._ids):   # the template rewrote history
-            self._rebuild(self.tokenizer.render_chat(self.messages).ids.tolist())
+            yield from self._rebuild(self.tokenizer.render_chat(self.messages).ids.tolist())
             if _common_prefix(self._ids, target) < len(self._ids):
                 raise ValueError("the chat template renders the conversation differently with "
                                  "and without the generation prompt; cannot reply incrementally")
@@ -328,7 +395,7 @@ class Session:
         if not prompt:
             raise ValueError("the chat template adds no generation prompt; cannot reply")
         checkpoint = self._checkpoint()
-        self._make_room(len(prompt))
+        yield from self._make_room(len(prompt))
         self._ensure_capacity(self._cache_len + len(prompt) + max_new_tokens)
         return checkpoint, prompt
 
@@ -343,30 +410,30 @@ class Session:
         if write:
             self.tokens_written += len(fed)
 
-    def _finish_reply(self, checkpoint: _Checkpoint, text: str, *, write: bool) -> str:
+    def _finish_reply(self, checkpoint: _Checkpoint, text: str, *, write: bool):
         self.messages.append({"role": "assistant", "content": text})
-        self._sync(write=write, checkpoint=checkpoint)
+        yield from self._sync(write=write, checkpoint=checkpoint)
         return text
 
     # ------------------------------------------------------------------ feeding
-    def _sync(self, *, write: bool, checkpoint: _Checkpoint | None = None) -> None:
+    def _sync(self, *, write: bool, checkpoint: _Checkpoint | None = None):
         """Bring the processed ids in line with the rendered conversation."""
         target = self.tokenizer.render_chat(self.messages, add_generation_prompt=False).ids.tolist()
         p = _common_prefix(self._ids, target)
         if p == len(self._ids):
-            self._feed(target[p:], write=write)
+            yield from self._feed(target[p:], write=write)
         elif checkpoint is not None and p >= checkpoint.n_ids:
             self._restore_checkpoint(checkpoint)
             self.reverts += 1
-            self._feed(target[checkpoint.n_ids:], write=write)
+            yield from self._feed(target[checkpoint.n_ids:], write=write)
         else:
-            self._rebuild(target)
+            yield from self._rebuild(target)
 
-    def _rebuild(self, target: list[int]) -> None:
+    def _rebuild(self, target: list[int]):
         """Re-ingest ``target`` from a fresh state (the template changed earlier tokens)."""
         self._clear()
         self.rebuilds += 1
-        self._feed(target, write=True)
+        yield from self._feed(target, write=True)
 
     def _checkpoint(self) -> _Checkpoint:
         return _Checkpoint(len(self._ids), self._memory, self._cache, self._cache_len,
@@ -378,17 +445,17 @@ class Session:
         self._cache_start, self._logits, self._beta_means = c.cache_start, c.logits, c.beta_means
         self.tokens_written = c.tokens_written
 
-    def _feed(self, ids: Sequence[int], *, write: bool) -> None:
+    def _feed(self, ids: Sequence[int], *, write: bool):
         """Feed ``ids`` in pieces of ≤ chunk (and ≤ window), compacting the cache as needed."""
         pos = 0
         limit = self.chunk if self.window is None else min(self.chunk, self.window)
         while pos < len(ids):
             n = min(limit, len(ids) - pos)
-            self._make_room(n)
-            self._run(ids[pos:pos + n], write=write)
+            yield from self._make_room(n)
+            yield from self._run(ids[pos:pos + n], write=write)
             pos += n
 
-    def _make_room(self, n: int) -> None:
+    def _make_room(self, n: int):
         """With a window: drop the oldest cached tokens so that ``n`` more fit in it."""
         if self.window is None or self._cache_len + n <= self.window:
             return
@@ -401,7 +468,7 @@ class Session:
         self._cache_start = len(self._ids) - len(kept)
         self.compactions += 1
         for pos in range(0, len(kept), self.chunk):      # read-only: nothing written twice
-            self._run(kept[pos:pos + self.chunk], write=False, record=False)
+            yield from self._run(kept[pos:pos + self.chunk], write=False, record=False)
 
     def _ensure_capacity(self, need: int) -> None:
         """Grow the cache (padding with empty slots; exact) when ``need`` slots do not fit."""
@@ -436,7 +503,7 @@ class Session:
             b *= 2
         return min(b, max(self.chunk, n))
 
-    def _run(self, ids: Sequence[int], *, write: bool, record: bool = True) -> None:
+    def _run(self, ids: Sequence[int], *, write: bool, record: bool = True):
         """One model pass over ``ids`` (≤ chunk), right-padded to a bucket length."""
         n = len(ids)
         if n == 0:
@@ -447,15 +514,14 @@ class Session:
         padded[0, :n] = ids
         mask = np.zeros((1, b), bool)
         mask[0, :n] = True
-        out = self.runner(padded, attention_mask=mask, memory_state=self._memory,
-                          cache=self._cache, write=write)
+        out = yield Pass(padded, mask, self._memory, self._cache, write, n - 1)
         self._cache_len += n
         self._cache = out.cache._replace(index=self._put(jnp.asarray(self._cache_len, jnp.int32)))
         if self._memory is not None:
             self._memory = out.memory_state
         if record:
             self._ids.extend(int(i) for i in ids)
-            self._logits = _row(out.logits, jnp.asarray(n - 1, jnp.int32))
+            self._logits = out.logits
             if write:
                 self.tokens_written += n
                 self._beta_means = out.beta_means

@@ -149,7 +149,7 @@ def _idle_cost(server: ServerProcess, work: str, chars: int, max_tokens: int, co
 def run_bench(model_dir: str | None, adapter_dir: str | None, *, levels: list[int], turns: int,
               chars: int, max_tokens: int, window: int, chunk: int, dtype: str | None,
               time_limit: float, work: str, fsync: bool = True, repeats: int = 2,
-              idle_sessions: int = 32, log=print) -> dict:
+              idle_sessions: int = 32, prefill_rows: int | None = None, log=print) -> dict:
     """Both servers up at once, loads alternated (batched levels, then sequential, per
     repeat) so machine drift hits both; medians over repeats."""
     if model_dir is None:
@@ -160,8 +160,9 @@ def run_bench(model_dir: str | None, adapter_dir: str | None, *, levels: list[in
     if dtype:
         common += ["--dtype", dtype]
     deadline = time.monotonic() + time_limit
+    rows = slots if prefill_rows is None else prefill_rows
     batched = ServerProcess(model_dir, adapter_dir, os.path.join(work, "state-batched"),
-                            args=common + ["--slots", str(slots)])
+                            args=common + ["--slots", str(slots), "--prefill-rows", str(rows)])
     single = ServerProcess(model_dir, adapter_dir, os.path.join(work, "state-single"),
                            args=common + ["--slots", "1"])
     runs: dict[tuple[str, int], list[dict]] = {}
@@ -199,7 +200,7 @@ def run_bench(model_dir: str | None, adapter_dir: str | None, *, levels: list[in
     return {"rows": rows, "idle": idle, "settings": {
         "model": model_dir, "adapter": adapter_dir, "turns": turns, "chars": chars,
         "max_tokens": max_tokens, "window": window, "chunk": chunk, "slots": slots,
-        "dtype": dtype, "fsync": fsync, "repeats": repeats}}
+        "dtype": dtype, "fsync": fsync, "repeats": repeats, "prefill_rows": rows}}
 
 
 def format_table(result: dict, machine: dict) -> str:
@@ -208,7 +209,8 @@ def format_table(result: dict, machine: dict) -> str:
              f"; {s['turns']} turns per session, {s['chars']}-character messages, greedy "
              f"replies of {s['max_tokens']} tokens, window {s['window']}"
              f"{'' if s['fsync'] else ', no fsync'}; "
-             f"batched: one {s['slots']}-slot server; sequential: a 1-slot server, one "
+             f"batched: one {s['slots']}-slot server, {s['prefill_rows']} prefill rows; "
+             f"sequential: a 1-slot server, one "
              f"request at a time; medians of {s['repeats']} alternated repeats, speed-up = "
              f"median of per-repeat ratios)"), "",
              ("| mode | sessions | requests | tokens | req/s | tokens/s | p50 s | p95 s "
@@ -243,6 +245,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--no-fsync", action="store_true", help="serve with --no-fsync")
     p.add_argument("--repeats", type=int, default=2, help="alternated repeats of every load")
+    p.add_argument("--prefill-rows", type=int,
+                   help="the batched server's --prefill-rows (default: its slots)")
     p.add_argument("--idle-sessions", type=int, default=32,
                    help="sessions created to measure the cost of an idle one")
     p.add_argument("--time-limit", type=float, default=900.0,
@@ -259,7 +263,8 @@ def cmd(args) -> int:
                            turns=args.turns, chars=args.chars, max_tokens=args.max_tokens,
                            window=args.window, chunk=args.chunk, dtype=args.dtype,
                            time_limit=args.time_limit, work=work, fsync=not args.no_fsync,
-                           repeats=args.repeats, idle_sessions=args.idle_sessions)
+                           repeats=args.repeats, idle_sessions=args.idle_sessions,
+                           prefill_rows=args.prefill_rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     try:

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-remote", action="store_true",
                    help="allow a non-loopback --host without API keys")
     p.add_argument("--slots", type=int, default=8, help="sessions decoded in one batch")
+    p.add_argument("--prefill-rows", type=int,
+                   help="sessions prefilled in one batched call (default: 1 on CPU, where a "
+                        "pass is compute-bound, min(slots, 8) on accelerators)")
     p.add_argument("--window", type=int, default=1024, help="KV-cache window per session")
     p.add_argument("--keep", type=int, help="tokens a full window keeps when it is rebuilt "
                                             "(default: half the window)")
@@ -136,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = ServeConfig(
             state_dir=Path(args.state_dir), api_keys=keys, slots=args.slots,
+            prefill_rows=args.prefill_rows,
             model_name=args.model_name or Path(os.path.abspath(args.model)).name,
             window=args.window, keep=args.keep, chunk=args.chunk, max_tokens=args.max_tokens,
             max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes,
@@ -146,9 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = load_pretrained(args.model, args.adapter, dtype=args.dtype)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     service = Service(Runner(model), tokenizer, config)
-    log.info("model %s loaded in %.1f s; %d slots × %d-token caches; recovered %s",
-             config.model_name, time.perf_counter() - t0, config.slots, service.capacity,
-             service.recovered)
+    log.info("model %s loaded in %.1f s; %d slots × %d-token caches, prefill rows %d; "
+             "recovered %s", config.model_name, time.perf_counter() - t0, config.slots,
+             service.capacity, service.scheduler.prefill_rows, service.recovered)
     try:
         family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import jax
 from starlette.concurrency import run_in_threadpool
 
 from deltamem_jax.inference.generation import SamplingConfig
@@ -61,6 +62,8 @@ class ServeConfig:
     model_name: str
     api_keys: tuple[str, ...] = ()
     slots: int = 8
+    prefill_rows: int | None = None  # sessions per batched prefill call (None: 1 on CPU,
+                                     # up to 8 on accelerators)
     window: int = 1024
     keep: int | None = None          # tokens a window rebuild keeps (None: window // 2)
     chunk: int = 256
@@ -72,7 +75,9 @@ class ServeConfig:
 
     def __post_init__(self):
         for name in ("slots", "window", "chunk", "max_tokens", "max_prompt_tokens",
-                     "max_body_bytes", "max_queue"):
+                     "max_body_bytes", "max_queue", "prefill_rows"):
+            if getattr(self, name) is None:
+                continue
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.chunk & (self.chunk - 1):
@@ -143,8 +148,11 @@ class Service:
                                   fsync=config.fsync)
         self.snapshots = Path(config.state_dir) / "snapshots"
         self.recovered = self.store.recover()
-        self.scheduler = Scheduler(runner, tokenizer, slots=config.slots,
-                                   capacity=self.capacity).start()
+        rows = config.prefill_rows
+        if rows is None:
+            rows = 1 if jax.default_backend() == "cpu" else min(config.slots, 8)
+        self.scheduler = Scheduler(runner, tokenizer, slots=config.slots, capacity=self.capacity,
+                                   prefill_rows=rows).start()
         self._namespaces = {hashlib.sha256(k.encode()).hexdigest()[:32]: k
                             for k in config.api_keys}
         self._locks = _Locks()
