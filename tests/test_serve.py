@@ -393,3 +393,27 @@ def test_idle_sessions_live_on_disk_only(server):
     assert files == ["CURRENT", "arrays.npz", "info.json", "session.json"]
     with np.load(next((ns / "idle").rglob("arrays.npz"))) as z:
         assert z["key_0"].shape[1] == server.session("idle")["window_tokens"] <= WINDOW
+
+
+def test_load_benchmark_drives_the_server(server):
+    """The load benchmark's client (bench serve): concurrent sessions × turns, fixed-length
+    replies (ignore_eos), counted and formatted."""
+    import time
+
+    from deltamem_jax.tools.bench import common, serve_load
+
+    rows = [serve_load.run_load(server, "bench", 2, 2, 40, 4, concurrent, time.monotonic() + 120)
+            for concurrent in (True, False)]
+    for r in rows:
+        assert r["requests"] == 4 and r["complete"] and r["tokens"] == 16
+        assert r["tok_per_s"] > 0 and r["p95_s"] >= r["p50_s"] > 0
+        r["speedup"] = r["tok_per_s"] / rows[-1]["tok_per_s"]
+    assert server.session("bench-1")["turns"] == 4          # both runs used the same ids
+    table = serve_load.format_table(
+        {"rows": rows, "idle": {"sessions": 2, "disk_bytes_per_session": 2048.0,
+                                "rss_growth_bytes_per_session": None},
+         "settings": {"model": "tiny", "turns": 2, "chars": 40, "max_tokens": 4, "window": 64,
+                      "chunk": 32, "slots": 4, "fsync": True, "repeats": 1,
+                      "prefill_rows": 2}}, common.machine_info())
+    assert "| batched | 2 | 4 | 16 |" in table and "| sequential | 2 | 4 | 16 |" in table
+    assert "2.0 KiB on disk" in table
