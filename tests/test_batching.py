@@ -237,3 +237,20 @@ def test_store_rejects_unsafe_names(runner, tmp_path, name):
     with pytest.raises(ValueError, match="invalid session id"):
         store.load("ns", name)
     assert valid_name("a.b-c_9") and valid_name("x" * 128)
+
+
+def test_read_only_turn_writes_nothing(runner, scheduler):
+    """write=False: the question and the reply read the memory and leave it bit for bit as it
+    was; greedy, the reply is Session.reply(write=False)'s."""
+    base = _prepared(runner, HISTORIES[2])
+    s, rec = _copy(base), Recorder()
+    scheduler.submit(_turn(s, "Where does he walk?", rec, write=False))
+    _, end = rec.wait()
+    assert end.kind == "done"
+    np.testing.assert_array_equal(np.asarray(s.memory_state), np.asarray(base.memory_state))
+    assert s.tokens_written == base.tokens_written and len(s.ids) > len(base.ids)
+    ref = _copy(base)
+    ref.add_user("Where does he walk?", write=False)
+    assert ref.reply(SamplingConfig(max_new_tokens=MAX), write=False) == end.text
+    np.testing.assert_allclose(s.next_token_logits(), ref.next_token_logits(), rtol=1e-4,
+                               atol=1e-4)

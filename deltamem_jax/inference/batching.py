@@ -41,8 +41,8 @@ __all__ = ["SlotDecoder", "run_passes"]
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "eos", "pad_id"),
                    donate_argnames=("memory", "cache", "logits", "keys"))
-def _step(graphdef, state, memory, cache, logits, keys, live, stops, temperature, top_p, *,
-          eos: tuple[int, ...], pad_id: int):
+def _step(graphdef, state, memory, cache, logits, keys, live, stops, writes, temperature,
+          top_p, *, eos: tuple[int, ...], pad_id: int):
     model = nnx.merge(graphdef, state)
     split = jax.vmap(lambda k: jax.random.split(jax.random.wrap_key_data(k)))(keys)
     keys, sub = jax.random.key_data(split[:, 0]), split[:, 1]
@@ -50,13 +50,16 @@ def _step(graphdef, state, memory, cache, logits, keys, live, stops, temperature
     is_eos = jnp.isin(token, jnp.asarray(eos if eos else (-1,), jnp.int32)) & stops
     feed = live & ~is_eos
 
-    def one(tok, fed, mem, c):
+    def one(tok, fed, wr, mem, c):
         out = model(jnp.where(fed, tok, pad_id)[None, None], attention_mask=fed[None, None],
                     memory_state=mem, cache=c, write=True)
         new = out.cache._replace(index=jnp.where(fed, out.cache.index, c.index))
-        return out.logits[0, -1], out.memory_state, new
+        # a read-only slot keeps its state: each token reads it and writes nothing, exactly
+        # a write=False pass (a token's read precedes its write)
+        mem = None if mem is None else jnp.where(wr, out.memory_state, mem)
+        return out.logits[0, -1], mem, new
 
-    new_logits, memory, cache = jax.vmap(one)(token, feed, memory, cache)
+    new_logits, memory, cache = jax.vmap(one)(token, feed, writes, memory, cache)
     return token, is_eos, new_logits, memory, cache, keys
 
 
@@ -138,17 +141,19 @@ class SlotDecoder:
         self._temperature = np.zeros(self.slots, np.float32)
         self._top_p = np.ones(self.slots, np.float32)
         self._stops = np.ones(self.slots, bool)
+        self._writes = np.ones(self.slots, bool)
 
     # ------------------------------------------------------------------ slots
     def free_slots(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self.live)]
 
     def insert(self, slot: int, memory_state, cache: KVCache, logits, *, rng,
-               temperature: float = 0.0, top_p: float = 1.0, ignore_eos: bool = False) -> None:
+               temperature: float = 0.0, top_p: float = 1.0, ignore_eos: bool = False,
+               write: bool = True) -> None:
         """Put a session into free ``slot``: its state and cache after its prompt, the
         prompt's last logits ``[V]``, its sampling key and settings; the slot goes live.
         ``ignore_eos``: end tokens are fed like any other (fixed-length replies, for
-        benchmarks)."""
+        benchmarks). ``write=False``: the reply reads the memory and writes nothing."""
         if self.live[slot]:
             raise ValueError(f"slot {slot} is in use")
         if cache.batch_size != 1 or cache.max_length != self.capacity:
@@ -169,6 +174,7 @@ class SlotDecoder:
         self._temperature[slot] = float(temperature)
         self._top_p[slot] = float(top_p)
         self._stops[slot] = not ignore_eos
+        self._writes[slot] = bool(write)
         self.live[slot] = True
 
     def extract(self, slot: int) -> tuple[jax.Array | None, KVCache]:
@@ -193,7 +199,7 @@ class SlotDecoder:
         r = self.runner
         token, is_eos, self._logits, self._memory, self._cache, self._keys = _step(
             r.graphdef, r.state, self._memory, self._cache, self._logits, self._keys,
-            jnp.asarray(self.live), jnp.asarray(self._stops), jnp.asarray(self._temperature),
-            jnp.asarray(self._top_p),
+            jnp.asarray(self.live), jnp.asarray(self._stops), jnp.asarray(self._writes),
+            jnp.asarray(self._temperature), jnp.asarray(self._top_p),
             eos=self.eos_ids, pad_id=self.pad_id)
         return np.asarray(token), np.asarray(is_eos)

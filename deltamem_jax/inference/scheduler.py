@@ -72,6 +72,7 @@ class Turn:
     rng: Any = None                  # a PRNG key; None = split from the session's own key
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False         # feed end tokens too: replies of exactly max_tokens
+    write: bool = True               # False: messages and reply read memory, write nothing
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
@@ -218,8 +219,8 @@ class Scheduler:
     def _prompt_passes(turn: Turn):
         s = turn.session
         for m in turn.messages:
-            yield from s.add_message_passes(m["role"], m["content"])
-        return (yield from s.begin_reply_passes(turn.max_tokens))
+            yield from s.add_message_passes(m["role"], m["content"], write=turn.write)
+        return (yield from s.begin_reply_passes(turn.max_tokens, write=turn.write))
 
     def _advance(self, work: _Work, result) -> None:
         """Send ``result`` (None: start) into a turn's generator; keep it while it asks for
@@ -267,7 +268,7 @@ class Scheduler:
         rng = turn.rng if turn.rng is not None else s.next_rng()
         self.decoder.insert(work.slot, pending.memory_state, pending.cache, pending.logits,
                             rng=rng, temperature=turn.temperature, top_p=turn.top_p,
-                            ignore_eos=turn.ignore_eos)
+                            ignore_eos=turn.ignore_eos, write=turn.write)
         act = _Active(turn, pending, s.tokens_seen - work.before)
         self._active[work.slot] = act
         self.stats["max_live"] = max(self.stats["max_live"], len(self._active))

@@ -88,6 +88,7 @@ class ChatRequest(_Strict):
     response_format: dict[str, Any] | None = None
     user: str | None = None
     ignore_eos: bool | None = None   # an extension (as in vLLM): replies of max_tokens tokens
+    write_memory: bool | None = None  # an extension: False = this turn only reads the memory
 
 
 def parse_chat_request(body: bytes) -> ChatRequest:

@@ -332,6 +332,7 @@ class Service:
                         top_p=1.0 if req.top_p is None else req.top_p,
                         rng=None if req.seed is None else key_from_seed(req.seed),
                         stop=stop_strings(req), ignore_eos=bool(req.ignore_eos),
+                        write=req.write_memory is not False,
                         on_event=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
             job = TurnJob(turn, asyncio.Queue())
             self._in_flight += 1
