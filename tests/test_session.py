@@ -1,6 +1,7 @@
 """Chat sessions: incremental writes, windowed cache, snapshots, reset, and the chat CLI."""
 
 import io
+import json
 import os
 
 import jax
@@ -8,17 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import random_model, save_pretrained
 
-from deltamem_jax import DecoderConfig, DecoderLM, DeltaMemConfig, Runner, SamplingConfig
-from deltamem_jax.tools.chat import ChatApp, main
-from deltamem_jax.checkpoints.adapters import load_adapter, save_adapter
-from deltamem_jax.checkpoints.hf import load_hf_model, save_hf_model
-from deltamem_jax.data.tokenizer import ByteTokenizer, save_byte_tokenizer_marker
+from deltamem_jax import Runner, SamplingConfig
+from deltamem_jax.checkpoints.pretrained import load_pretrained
+from deltamem_jax.data.tokenizer import ByteTokenizer
 from deltamem_jax.inference.session import Session, SnapshotError
+from deltamem_jax.inference.snapshot import model_signature, state_digest
+from deltamem_jax.tools.chat import ChatApp, main
 
-CONFIG = DecoderConfig(model_type="qwen3", vocab_size=264, hidden_size=32, intermediate_size=64,
-                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                       head_dim=16, qk_norm=True)
 CHUNK = 16              # one bucket length, one cache capacity, one padded length → few compiles
 CAPACITY = 256
 FULL = 256
@@ -34,41 +33,16 @@ CONVERSATION = [
 ]
 
 
-def _random_model(seed: int) -> DecoderLM:
-    """A random δ-mem model (U heads and β projections non-zero), built without compiling."""
-    abstract = nnx.eval_shape(lambda: DecoderLM(CONFIG, rngs=nnx.Rngs(0),
-                                                memory=DeltaMemConfig(output_init="random")))
-    graphdef, state = nnx.split(abstract)
-    rng = np.random.default_rng(seed)
-    flat = dict(nnx.to_flat_state(state))
-    for path, var in flat.items():
-        shape = var.get_value().shape
-        if path[-1] == "weight":                       # norms
-            value = 1 + 0.1 * rng.standard_normal(shape)
-        elif path[-1] == "beta_bias":
-            value = np.full(shape, -1.5)
-        else:
-            value = rng.standard_normal(shape) / np.sqrt(shape[0])
-        var.set_value(jnp.asarray(value.astype(np.float32)))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     """A backbone dir (HF format + byte-tokenizer marker) and an adapter dir on disk."""
-    root = tmp_path_factory.mktemp("pretrained")
-    model = _random_model(0)
-    save_hf_model(model, str(root / "model"))
-    save_byte_tokenizer_marker(str(root / "model"))
-    save_adapter(model, str(root / "adapter"))
-    return root / "model", root / "adapter"
+    return save_pretrained(random_model(0), tmp_path_factory.mktemp("pretrained"))
 
 
 @pytest.fixture(scope="module")
 def model(dirs):
     # loaded the way the chat CLI loads it, so the CLI test reuses the compiled code
-    model = load_hf_model(str(dirs[0]))
-    load_adapter(model, str(dirs[1]))
+    model = load_pretrained(*dirs)
     assert all(np.any(np.asarray(model.layers[i].self_attn.memory.beta_proj.get_value()))
                for i in model.memory_layers)
     return model
@@ -326,3 +300,125 @@ def test_chat_cli_from_model_and_adapter_dirs(dirs, runner, tok, tmp_path):
     with pytest.raises(SystemExit):                 # bad settings: a usage error, no traceback
         main(["--model", str(model_dir), "--window", "0"], stdin=io.StringIO(""),
              stdout=io.StringIO())
+
+
+# ---------------------------------------------------------------- scanned layers, snapshot files
+
+
+@pytest.fixture(scope="module")
+def scanned_runner(dirs):
+    """The same weights in the scanned (stacked) layer layout."""
+    return Runner(load_pretrained(*dirs, scan_layers=True))
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["layers", "scanned"])
+def test_sessions_on_both_layouts(runner, scanned_runner, tok, tmp_path, scan):
+    """Turns beyond the first capacity (the cache grows), a windowed session (compactions),
+    snapshot and restore bit-exact: for the list-of-layers and the scanned layout."""
+    run = scanned_runner if scan else runner
+    grow = _session(run, tok, capacity=64)              # window=None: doubles when full
+    _feed_conversation(grow)
+    assert grow.capacity > 64
+    _check_matches_full_pass(grow, run)
+    win = _session(run, tok, window=40, seed=3)
+    _feed_conversation(win)
+    win.reply()
+    assert win.stats()["compactions"] > 0 and win.stats()["cache_tokens"] <= 40
+    for s, name in ((grow, "grow"), (win, "win")):
+        s.snapshot(tmp_path / name)
+        r = Session.restore(tmp_path / name, run, tok)
+        assert state_digest(r.to_state()) == state_digest(s.to_state())
+        assert r.capacity == s.capacity and r.cache.max_length == s.cache.max_length
+        for sess in (s, r):
+            sess.add_user("And the dog?")
+        np.testing.assert_array_equal(r.next_token_logits(), s.next_token_logits())
+        assert r.reply() == s.reply()
+        np.testing.assert_array_equal(np.asarray(r.memory_state), np.asarray(s.memory_state))
+
+
+def test_layouts_agree_and_share_snapshots(runner, scanned_runner, tok, tmp_path):
+    """One model in both layouts: the same signature, the same session, and a snapshot of one
+    continues on the other."""
+    assert model_signature(runner) == model_signature(scanned_runner)
+    a, b = _session(runner, tok, window=40), _session(scanned_runner, tok, window=40)
+    for s in (a, b):
+        _feed_conversation(s)
+    np.testing.assert_allclose(np.asarray(b.memory_state), np.asarray(a.memory_state),
+                               rtol=1e-5, atol=1e-6)
+    a.snapshot(tmp_path / "a")
+    moved = Session.restore(tmp_path / "a", scanned_runner, tok)
+    assert state_digest(moved.to_state()) == state_digest(a.to_state())
+    a.add_user("Again?")
+    moved.add_user("Again?")
+    np.testing.assert_allclose(moved.next_token_logits(), a.next_token_logits(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _corrupt(src, dst, edit):
+    import shutil
+    shutil.copytree(src, dst)
+    edit(dst)
+    return dst
+
+
+def test_snapshot_errors_name_the_file(runner, tok, tmp_path):
+    s = _session(runner, tok)
+    s.add_user("hi there")
+    good = tmp_path / "good"
+    s.snapshot(good)
+    meta = json.loads((good / "session.json").read_text())
+
+    def write_json(obj):
+        return lambda d: (d / "session.json").write_text(json.dumps(obj))
+
+    def resave(**change):
+        def edit(d):
+            with np.load(d / "arrays.npz") as z:
+                arrays = {k: z[k] for k in z.files}
+            for k, v in change.items():
+                if v is None:
+                    del arrays[k]
+                else:
+                    arrays[k] = v
+            np.savez(d / "arrays.npz", **arrays)
+        return edit
+
+    cases = [
+        ("json", lambda d: (d / "session.json").write_text('{"format": "deltamem-sess'),
+         r"session\.json: not valid JSON"),
+        ("npz", lambda d: (d / "arrays.npz").write_bytes(b"PK\x03\x04 truncated"),
+         r"arrays\.npz: not a readable \.npz"),
+        ("nokey", resave(key_1=None), r"arrays\.npz: missing array 'key_1'"),
+        ("shape", resave(memory_state=np.zeros((2, 1, 1, 8, 9), np.float32)),
+         r"arrays\.npz: array 'memory_state' has shape \(2, 1, 1, 8, 9\), expected"),
+        ("field", write_json({k: v for k, v in meta.items() if k != "ids"}),
+         r"session\.json: missing field 'ids'"),
+        ("type", write_json(dict(meta, cache_len="7")),
+         r"session\.json: field 'cache_len' has the wrong type"),
+        ("window", write_json(dict(meta, cache_start=meta["cache_start"] + 1)),
+         r"session\.json: inconsistent cache window"),
+    ]
+    for name, edit, pattern in cases:
+        bad = _corrupt(good, tmp_path / name, edit)
+        with pytest.raises(SnapshotError, match=pattern) as err:
+            Session.restore(bad, runner, tok)
+        assert str(bad) in str(err.value), name
+    assert state_digest(Session.restore(good, runner, tok).to_state()) == \
+        state_digest(s.to_state())
+
+
+def test_keep_rebuilds_the_window_less_often(runner, tok):
+    """keep=K: a full window is rebuilt down to K tokens, so rebuilds are rarer; the cache
+    never exceeds the window and every token is still written exactly once."""
+    every, rare = _session(runner, tok, window=40), _session(runner, tok, window=40, keep=16)
+    for s in (every, rare):
+        for role, content in CONVERSATION:
+            s.add_message(role, content)
+            assert s.stats()["cache_tokens"] <= 40
+            assert s.cache_ids == s.ids[len(s.ids) - s.stats()["cache_tokens"]:]
+    assert 0 < rare.stats()["compactions"] < every.stats()["compactions"]
+    assert rare.tokens_written == every.tokens_written == len(rare.ids)
+    np.testing.assert_allclose(np.asarray(rare.memory_state)[0],       # layer 0: embeddings
+                               np.asarray(every.memory_state)[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="keep must be"):
+        _session(runner, tok, window=40, keep=40)

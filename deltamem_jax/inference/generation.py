@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,7 @@ class SamplingConfig:
 class Generation(NamedTuple):
     tokens: jax.Array          # [B, max_new_tokens] int32 (pad_id after a row stops)
     lengths: jax.Array         # [B] int32: tokens produced before (and excluding) EOS
-    memory_state: Optional[jax.Array]
+    memory_state: jax.Array | None
     cache: KVCache
 
 
@@ -65,11 +66,40 @@ def sample_logits(logits, rng, sampling: SamplingConfig):
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def sample_rows(logits, keys, temperature, top_p):
+    """Next tokens ``[B]`` from logits ``[B, V]`` with per-row settings (jit-friendly).
+
+    ``keys``: ``[B]`` PRNG keys; ``temperature``: ``[B]`` (0 = greedy); ``top_p``:
+    ``[B]`` in (0, 1] (1 = off). Row b draws exactly what :func:`sample_logits` draws
+    for that row alone with key ``keys[b]`` (so a row's tokens do not depend on the
+    rows batched with it).
+    """
+    logits = logits.astype(jnp.float32)
+    B = logits.shape[0]
+    temperature = jnp.asarray(temperature, jnp.float32)
+    top_p = jnp.asarray(top_p, jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+
+    def nucleus(x):
+        order = jnp.argsort(-x, axis=-1)
+        sorted_logits = jnp.take_along_axis(x, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs          # mass strictly before each token
+        keep = (before < top_p[:, None]) | (top_p[:, None] >= 1.0)
+        sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
+        return jnp.full_like(x, -jnp.inf).at[jnp.arange(B)[:, None], order].set(sorted_logits)
+
+    scaled = jax.lax.cond(jnp.any(top_p < 1.0), nucleus, lambda x: x, scaled)
+    sampled = jax.vmap(lambda k, x: jax.random.categorical(k, x[None], axis=-1)[0])(keys, scaled)
+    return jnp.where(temperature > 0, sampled.astype(jnp.int32), greedy)
+
+
 def generate(model, prompt_ids, *, prompt_mask=None, memory_state=None, cache=None,
              write: bool = True, use_memory: bool = True,
              sampling: SamplingConfig = SamplingConfig(), rng=None,
-             eos_ids: Optional[Sequence[int]] = None, pad_id: int = 0,
-             cache_length: Optional[int] = None) -> Generation:
+             eos_ids: Sequence[int] | None = None, pad_id: int = 0,
+             cache_length: int | None = None) -> Generation:
     """Continue ``prompt_ids`` ``[B, T]`` (left or right padded via ``prompt_mask``).
 
     ``model`` is a :class:`DecoderLM` or a :class:`Runner`. ``cache``: continue an
@@ -83,7 +113,7 @@ def generate(model, prompt_ids, *, prompt_mask=None, memory_state=None, cache=No
     if prompt_mask is None:
         prompt_mask = jnp.ones((B, T), bool)
     if cache is None:
-        cache = KVCache.init(run.config, B, cache_length or T + sampling.max_new_tokens)
+        cache = run.init_cache(B, cache_length or T + sampling.max_new_tokens)
     if cache.max_length < int(cache.index) + T + sampling.max_new_tokens:
         raise ValueError(f"KV cache of length {cache.max_length} has no room for "
                          f"{T} prompt + {sampling.max_new_tokens} new tokens")

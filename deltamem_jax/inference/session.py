@@ -16,7 +16,11 @@ the memory keeps integrating every token regardless of the window — that is th
 point of δ-mem. Consequences: RoPE positions restart at 0 for the rebuilt
 window, and keys/values are recomputed with the current memory state (this
 matters only with Δk/Δv heads), i.e. the rebuilt window is exactly the
-"read-only pass over recent turns" regime of training (SPEC §3).
+"read-only pass over recent turns" regime of training (SPEC §3). A rebuild
+keeps ``window - n`` tokens (n = the tokens about to be fed), so with a full
+window every chunk fed rebuilds it; ``keep=K`` keeps at most K instead (the
+cache then holds between K and N tokens, and a rebuild happens once per
+N - K tokens: what a server wants).
 
 **Fixed shapes.** The cache has a fixed capacity (``window`` + room for a
 reply and one padded chunk; with ``window=None`` it doubles when full), and
@@ -41,36 +45,32 @@ so incremental feeding would change what they compute).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
-import shutil
-import tempfile
-from typing import Any, Optional, Sequence
+from collections.abc import Generator, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from deltamem_jax.inference.generation import SamplingConfig, generate
-from deltamem_jax.memory.layer import MemoryParam
+from deltamem_jax.inference.snapshot import (
+    SNAPSHOT_FORMAT,
+    SNAPSHOT_VERSION,
+    SessionState,
+    SnapshotError,
+    read_snapshot,
+    write_snapshot,
+)
 from deltamem_jax.models.cache import KVCache
 from deltamem_jax.models.decoder import DecoderLM
 from deltamem_jax.models.functional import Runner
 
-__all__ = ["Session", "SnapshotError", "SNAPSHOT_FORMAT", "SNAPSHOT_VERSION"]
+__all__ = ["SNAPSHOT_FORMAT", "SNAPSHOT_VERSION", "Pass", "PassResult", "PendingReply",
+           "Session", "SnapshotError"]
 
-SNAPSHOT_FORMAT = "deltamem-session"
-SNAPSHOT_VERSION = 1
-_META_FILE = "session.json"
-_ARRAYS_FILE = "arrays.npz"
 _MIN_BUCKET = 16
 _ROUND = 64
-
-
-class SnapshotError(ValueError):
-    """A session snapshot is missing, malformed, or does not fit the model."""
 
 
 @dataclasses.dataclass
@@ -85,6 +85,47 @@ class _Checkpoint:
     logits: Any
     beta_means: Any
     tokens_written: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingReply:
+    """A reply whose generation prompt has been fed (:meth:`Session.begin_reply`): what an
+    external decoder needs to produce it, and what :meth:`Session.end_reply` needs to undo
+    its tokens if they do not re-encode."""
+
+    memory_state: Any          # [L_mem, 1, H, r, r] after the prompt (None without δ-mem)
+    cache: KVCache             # the session's cache after the prompt
+    logits: Any                # [V] next-token logits after the prompt
+    cache_len: int             # real tokens in ``cache``
+    n_ids: int                 # tokens processed, the prompt included
+    max_new_tokens: int        # the cache has room for this many more
+    write: bool
+    checkpoint: _Checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """One model pass a session needs: ``ids``/``mask`` ``[1, T]`` (T a bucket length) over
+    its ``memory_state`` and ``cache``, writing or not; ``last`` = the last real position.
+    The :meth:`Session.add_message_passes` family yields these so that an executor can run
+    many sessions' passes in one batched call."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    memory_state: Any
+    cache: KVCache
+    write: bool
+    last: int
+
+
+class PassResult(NamedTuple):
+    """What a :class:`Pass` gives back: the ``[V]`` logits at ``last``, the new state and
+    cache (index = old index + T), and the β means of a writing pass."""
+
+    logits: Any
+    memory_state: Any
+    cache: KVCache
+    beta_means: Any
 
 
 def _round_up(n: int, m: int = _ROUND) -> int:
@@ -114,16 +155,18 @@ class Session:
       capacity: initial KV-cache length (default: what the window and a reply
         need; with ``window=None`` it doubles when full). A fixed capacity shared
         by sessions means shared compiled code.
+      keep: with a window, how many recent tokens a rebuild keeps at most (None =
+        as many as fit: ``window`` minus what is being fed).
     """
 
-    def __init__(self, model, tokenizer, *, window: Optional[int] = None,
-                 max_new_tokens: int = 256, sampling: Optional[SamplingConfig] = None,
-                 chunk: int = 256, system: Optional[str] = None, seed: int = 0,
-                 capacity: Optional[int] = None):
+    def __init__(self, model, tokenizer, *, window: int | None = None,
+                 max_new_tokens: int = 256, sampling: SamplingConfig | None = None,
+                 chunk: int = 256, system: str | None = None, seed: int = 0,
+                 capacity: int | None = None, keep: int | None = None):
         if not isinstance(model, (Runner, DecoderLM)):
             raise TypeError(f"Session needs a DecoderLM or a Runner, got {type(model).__name__}")
         self.runner = model if isinstance(model, Runner) else Runner(model)
-        self._device = _single_device(self.runner)
+        self._device = _model_device(self.runner)
         mc = self.runner.memory_config
         if mc is not None and mc.span_writes:
             raise ValueError(
@@ -134,6 +177,10 @@ class Session:
             raise ValueError(f"chunk must be a power of two ≥ 1, got {chunk}")
         if window is not None and window < 1:
             raise ValueError(f"window must be ≥ 1 or None, got {window}")
+        if keep is not None and (window is None or not 0 <= keep < window):
+            raise ValueError(f"keep must be in [0, window) and needs a window, got keep={keep} "
+                             f"window={window}")
+        self.keep = keep
         self.tokenizer = tokenizer
         self.window = window
         self.chunk = chunk
@@ -141,13 +188,19 @@ class Session:
         self.system = system
         self.seed = seed
         self._rng = jax.random.key(seed)
-        reserve = max(self.sampling.max_new_tokens + _MIN_BUCKET, chunk)
-        need = _round_up((window if window is not None else 4 * chunk) + reserve)
+        need = self.required_capacity(window, self.sampling.max_new_tokens, chunk)
         if capacity is not None and window is not None and capacity < need:
             raise ValueError(f"capacity {capacity} is too small for window {window} plus a "
                              f"reply and a padded chunk ({need})")
         self._capacity = need if capacity is None else int(capacity)
         self.reset()
+
+    @staticmethod
+    def required_capacity(window: int | None, max_new_tokens: int, chunk: int) -> int:
+        """The cache length a session needs for ``window`` tokens plus a reply of
+        ``max_new_tokens`` and one padded chunk (with ``window=None``: a first size)."""
+        reserve = max(max_new_tokens + _MIN_BUCKET, chunk)
+        return _round_up((window if window is not None else 4 * chunk) + reserve)
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -162,9 +215,8 @@ class Session:
 
     def _clear(self) -> None:
         self._ids: list[int] = []
-        mc = self.runner.memory_config
-        shape = (len(self.runner.memory_layers), 1, mc.num_state_heads, mc.rank, mc.rank) if mc else ()
-        self._memory = None if mc is None else self._put(jnp.zeros(shape, jnp.float32))
+        self._memory = (None if self.runner.memory_config is None
+                        else self._put(self.runner.init_memory_state(1)))
         self._cache = self._fresh_cache()
         self._cache_len = 0        # real tokens in the cache == cache.index
         self._cache_start = 0      # ids[_cache_start:] are the cached tokens
@@ -173,7 +225,7 @@ class Session:
         self.tokens_written = 0
 
     @property
-    def memory_state(self) -> Optional[jax.Array]:
+    def memory_state(self) -> jax.Array | None:
         """``[L_mem, 1, H, r, r]`` float32 (None without δ-mem)."""
         return self._memory
 
@@ -195,7 +247,12 @@ class Session:
     def capacity(self) -> int:
         return self._capacity
 
-    def next_token_logits(self) -> Optional[np.ndarray]:
+    @property
+    def tokens_seen(self) -> int:
+        """How many tokens the session has processed (``len(ids)``, without the copy)."""
+        return len(self._ids)
+
+    def next_token_logits(self) -> np.ndarray | None:
         """float32 ``[V]`` logits for the token after the last fed one (None if unknown)."""
         return None if self._logits is None else np.asarray(self._logits)
 
@@ -215,17 +272,12 @@ class Session:
     # ------------------------------------------------------------------ turns
     def add_message(self, role: str, content: str, *, write: bool = True) -> None:
         """Append a message and feed its new tokens (written into memory unless ``write=False``)."""
-        self.messages.append({"role": role, "content": content})
-        try:
-            self._sync(write=write)
-        except Exception:
-            self.messages.pop()
-            raise
+        self._drive(self.add_message_passes(role, content, write=write))
 
     def add_user(self, content: str, *, write: bool = True) -> None:
         self.add_message("user", content, write=write)
 
-    def reply(self, sampling: Optional[SamplingConfig] = None, rng=None, *,
+    def reply(self, sampling: SamplingConfig | None = None, rng=None, *,
               write: bool = True) -> str:
         """Generate the assistant's reply, append it, and return its text.
 
@@ -237,10 +289,105 @@ class Session:
         """
         sampling = sampling or self.sampling
         if rng is None:
-            self._rng, rng = jax.random.split(self._rng)
+            rng = self.next_rng()
+        checkpoint, prompt = self._drive(self._prepare_reply(sampling.max_new_tokens))
+        gen = generate(self.runner, np.asarray([prompt], np.int32),
+                       memory_state=self._memory, cache=self._cache, write=write,
+                       sampling=sampling, rng=rng, eos_ids=tuple(self.tokenizer.stop_ids),
+                       pad_id=self.tokenizer.pad_id)
+        n = int(gen.lengths[0])
+        new = [int(t) for t in np.asarray(gen.tokens[0, :n])]
+        self._accept(prompt + new, gen.memory_state, gen.cache, write=write)
+        return self._drive(self._finish_reply(checkpoint, self.tokenizer.decode(new),
+                                              write=write))
+
+    def next_rng(self) -> jax.Array:
+        """A fresh sampling key from the session's own (which advances; it is saved in
+        snapshots, so a restored session draws the same keys)."""
+        self._rng, rng = jax.random.split(self._rng)
+        return rng
+
+    def begin_reply(self, max_new_tokens: int, *, write: bool = True) -> PendingReply:
+        """Feed the generation prompt and return what an external decoder needs.
+
+        For decoders that batch many sessions (``deltamem_jax.inference.batching``):
+        the session's memory state, cache and next-token logits after the prompt,
+        with room in the cache for ``max_new_tokens``. Feed the decoded tokens with
+        the same ``write`` into that state, then call :meth:`end_reply`. Nothing
+        else may touch the session in between.
+        """
+        return self._drive(self.begin_reply_passes(max_new_tokens, write=write))
+
+    def end_reply(self, pending: PendingReply, tokens: Sequence[int], memory_state,
+                  cache: KVCache, *, text: str | None = None) -> str:
+        """Take back a reply decoded from :meth:`begin_reply`'s ``pending``.
+
+        ``tokens``: the generated ids that were fed (stop tokens excluded);
+        ``memory_state``, ``cache``: the arrays after feeding them. ``text``: the
+        reply's text if it is not ``decode(tokens)`` (e.g. cut at a stop string);
+        the conversation is then re-rendered with it and, where the fed tokens
+        disagree, the session reverts to before the reply and feeds the rendered
+        one (so memory holds exactly what the conversation says).
+        """
+        return self._drive(self.end_reply_passes(pending, tokens, memory_state, cache,
+                                                 text=text))
+
+    # The same three steps as generators of the model passes they need: ``next``/``send``
+    # them a :class:`PassResult` per :class:`Pass` (``run_pass`` computes one); their
+    # return value is the method's. An executor may run many sessions' passes together.
+    # A session whose generator was abandoned half-way must be discarded.
+
+    def add_message_passes(self, role: str, content: str, *,
+                           write: bool = True) -> Generator[Pass, PassResult, None]:
+        self.messages.append({"role": role, "content": content})
+        try:
+            yield from self._sync(write=write)
+        except Exception:
+            self.messages.pop()
+            raise
+
+    def begin_reply_passes(self, max_new_tokens: int, *,
+                           write: bool = True) -> Generator[Pass, PassResult, PendingReply]:
+        checkpoint, prompt = yield from self._prepare_reply(max_new_tokens)
+        yield from self._feed(prompt, write=write)
+        return PendingReply(self._memory, self._cache, self._logits, self._cache_len,
+                            len(self._ids), max_new_tokens, write, checkpoint)
+
+    def end_reply_passes(self, pending: PendingReply, tokens: Sequence[int], memory_state,
+                         cache: KVCache, *,
+                         text: str | None = None) -> Generator[Pass, PassResult, str]:
+        tokens = [int(t) for t in tokens]
+        if len(tokens) > pending.max_new_tokens:
+            raise ValueError(f"{len(tokens)} tokens decoded, at most {pending.max_new_tokens} "
+                             f"were prepared for")
+        if len(self._ids) != pending.n_ids or self._cache is not pending.cache:
+            raise ValueError("the session changed between begin_reply and end_reply")
+        self._accept(tokens, memory_state, cache, write=pending.write)
+        if text is None:
+            text = self.tokenizer.decode(tokens)
+        return (yield from self._finish_reply(pending.checkpoint, text, write=pending.write))
+
+    def run_pass(self, p: Pass) -> PassResult:
+        """Compute one :class:`Pass` (the session's own executor: batch 1, jit-compiled)."""
+        out = self.runner(p.ids, attention_mask=p.mask, memory_state=p.memory_state,
+                          cache=p.cache, write=p.write)
+        return PassResult(_row(out.logits, jnp.asarray(p.last, jnp.int32)), out.memory_state,
+                          out.cache, out.beta_means)
+
+    def _drive(self, gen: Generator):
+        """Run a pass generator to its end with :meth:`run_pass`; returns its value."""
+        try:
+            p = next(gen)
+            while True:
+                p = gen.send(self.run_pass(p))
+        except StopIteration as stop:
+            return stop.value
+
+    def _prepare_reply(self, max_new_tokens: int):
+        """The generation prompt still to feed, with room made for it and a reply."""
         target = self.tokenizer.render_chat(self.messages, add_generation_prompt=True).ids.tolist()
         if _common_prefix(self._ids, target) < len(self._ids):   # the template rewrote history
-            self._rebuild(self.tokenizer.render_chat(self.messages).ids.tolist())
+            yield from self._rebuild(self.tokenizer.render_chat(self.messages).ids.tolist())
             if _common_prefix(self._ids, target) < len(self._ids):
                 raise ValueError("the chat template renders the conversation differently with "
                                  "and without the generation prompt; cannot reply incrementally")
@@ -248,46 +395,45 @@ class Session:
         if not prompt:
             raise ValueError("the chat template adds no generation prompt; cannot reply")
         checkpoint = self._checkpoint()
-        T = len(prompt)
-        self._make_room(T)
-        self._ensure_capacity(self._cache_len + T + sampling.max_new_tokens)
-        gen = generate(self.runner, np.asarray([prompt], np.int32),
-                       memory_state=self._memory, cache=self._cache, write=write,
-                       sampling=sampling, rng=rng, eos_ids=tuple(self.tokenizer.stop_ids),
-                       pad_id=self.tokenizer.pad_id)
-        n = int(gen.lengths[0])
-        new = [int(t) for t in np.asarray(gen.tokens[0, :n])]
-        self._memory = gen.memory_state
-        self._cache_len += T + n
-        self._cache = gen.cache._replace(index=self._put(jnp.asarray(self._cache_len, jnp.int32)))
-        self._ids.extend(prompt + new)
+        yield from self._make_room(len(prompt))
+        self._ensure_capacity(self._cache_len + len(prompt) + max_new_tokens)
+        return checkpoint, prompt
+
+    def _accept(self, fed: list[int], memory_state, cache: KVCache, *, write: bool) -> None:
+        """Record tokens fed outside :meth:`_run` (a generation) and the arrays after them."""
+        if self._memory is not None:
+            self._memory = memory_state
+        self._cache_len += len(fed)
+        self._cache = cache._replace(index=self._put(jnp.asarray(self._cache_len, jnp.int32)))
+        self._ids.extend(fed)
         self._logits = None
         if write:
-            self.tokens_written += T + n
-        text = self.tokenizer.decode(new)
+            self.tokens_written += len(fed)
+
+    def _finish_reply(self, checkpoint: _Checkpoint, text: str, *, write: bool):
         self.messages.append({"role": "assistant", "content": text})
-        self._sync(write=write, checkpoint=checkpoint)
+        yield from self._sync(write=write, checkpoint=checkpoint)
         return text
 
     # ------------------------------------------------------------------ feeding
-    def _sync(self, *, write: bool, checkpoint: Optional[_Checkpoint] = None) -> None:
+    def _sync(self, *, write: bool, checkpoint: _Checkpoint | None = None):
         """Bring the processed ids in line with the rendered conversation."""
         target = self.tokenizer.render_chat(self.messages, add_generation_prompt=False).ids.tolist()
         p = _common_prefix(self._ids, target)
         if p == len(self._ids):
-            self._feed(target[p:], write=write)
+            yield from self._feed(target[p:], write=write)
         elif checkpoint is not None and p >= checkpoint.n_ids:
             self._restore_checkpoint(checkpoint)
             self.reverts += 1
-            self._feed(target[checkpoint.n_ids:], write=write)
+            yield from self._feed(target[checkpoint.n_ids:], write=write)
         else:
-            self._rebuild(target)
+            yield from self._rebuild(target)
 
-    def _rebuild(self, target: list[int]) -> None:
+    def _rebuild(self, target: list[int]):
         """Re-ingest ``target`` from a fresh state (the template changed earlier tokens)."""
         self._clear()
         self.rebuilds += 1
-        self._feed(target, write=True)
+        yield from self._feed(target, write=True)
 
     def _checkpoint(self) -> _Checkpoint:
         return _Checkpoint(len(self._ids), self._memory, self._cache, self._cache_len,
@@ -299,30 +445,30 @@ class Session:
         self._cache_start, self._logits, self._beta_means = c.cache_start, c.logits, c.beta_means
         self.tokens_written = c.tokens_written
 
-    def _feed(self, ids: Sequence[int], *, write: bool) -> None:
+    def _feed(self, ids: Sequence[int], *, write: bool):
         """Feed ``ids`` in pieces of ≤ chunk (and ≤ window), compacting the cache as needed."""
         pos = 0
         limit = self.chunk if self.window is None else min(self.chunk, self.window)
         while pos < len(ids):
             n = min(limit, len(ids) - pos)
-            self._make_room(n)
-            self._run(ids[pos:pos + n], write=write)
+            yield from self._make_room(n)
+            yield from self._run(ids[pos:pos + n], write=write)
             pos += n
 
-    def _make_room(self, n: int) -> None:
+    def _make_room(self, n: int):
         """With a window: drop the oldest cached tokens so that ``n`` more fit in it."""
         if self.window is None or self._cache_len + n <= self.window:
             return
         if n > self.window:
             raise ValueError(f"{n} tokens do not fit in a window of {self.window}")
-        keep = self.window - n
+        keep = self.window - n if self.keep is None else min(self.keep, self.window - n)
         kept = self._ids[len(self._ids) - keep:] if keep else []
         self._cache = self._fresh_cache()
         self._cache_len = 0
         self._cache_start = len(self._ids) - len(kept)
         self.compactions += 1
         for pos in range(0, len(kept), self.chunk):      # read-only: nothing written twice
-            self._run(kept[pos:pos + self.chunk], write=False, record=False)
+            yield from self._run(kept[pos:pos + self.chunk], write=False, record=False)
 
     def _ensure_capacity(self, need: int) -> None:
         """Grow the cache (padding with empty slots; exact) when ``need`` slots do not fit."""
@@ -330,11 +476,17 @@ class Session:
             return
         new = _round_up(max(need, 2 * self._capacity))
         extra = new - self._capacity
-        pad = lambda x: jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
+
+        def pad(x, axis):
+            widths = [(0, 0)] * x.ndim
+            widths[axis] = (0, extra)
+            return jnp.pad(x, widths)
+
         c = self._cache
-        self._cache = self._put(KVCache(tuple(pad(k) for k in c.keys),
-                                        tuple(pad(v) for v in c.values),
-                                        pad(c.mask), c.positions, c.index))
+        # keys/values: per layer [B, S, kv, hd] or stacked [L, B, S, kv, hd]: S is axis -3
+        self._cache = self._put(c._replace(keys=jax.tree.map(lambda x: pad(x, -3), c.keys),
+                                           values=jax.tree.map(lambda x: pad(x, -3), c.values),
+                                           mask=pad(c.mask, 1)))
         self._capacity = new
 
     def _put(self, tree):
@@ -343,7 +495,7 @@ class Session:
         return tree if self._device is None else jax.device_put(tree, self._device)
 
     def _fresh_cache(self) -> KVCache:
-        return self._put(KVCache.init(self.runner.config, 1, self._capacity))
+        return self._put(self.runner.init_cache(1, self._capacity))
 
     def _bucket(self, n: int) -> int:
         b = _MIN_BUCKET
@@ -351,7 +503,7 @@ class Session:
             b *= 2
         return min(b, max(self.chunk, n))
 
-    def _run(self, ids: Sequence[int], *, write: bool, record: bool = True) -> None:
+    def _run(self, ids: Sequence[int], *, write: bool, record: bool = True):
         """One model pass over ``ids`` (≤ chunk), right-padded to a bucket length."""
         n = len(ids)
         if n == 0:
@@ -362,153 +514,88 @@ class Session:
         padded[0, :n] = ids
         mask = np.zeros((1, b), bool)
         mask[0, :n] = True
-        out = self.runner(padded, attention_mask=mask, memory_state=self._memory,
-                          cache=self._cache, write=write)
+        out = yield Pass(padded, mask, self._memory, self._cache, write, n - 1)
         self._cache_len += n
         self._cache = out.cache._replace(index=self._put(jnp.asarray(self._cache_len, jnp.int32)))
         if self._memory is not None:
             self._memory = out.memory_state
         if record:
             self._ids.extend(int(i) for i in ids)
-            self._logits = out.logits[0, n - 1]
+            self._logits = out.logits
             if write:
                 self.tokens_written += n
                 self._beta_means = out.beta_means
 
     # ------------------------------------------------------------------ snapshots
-    def snapshot(self, path: str | os.PathLike) -> None:
-        """Save memory state, cached window, ids, messages and settings to directory ``path``.
+    def to_state(self) -> SessionState:
+        """The session's complete state (cheap: arrays are shared, lists copied)."""
+        return SessionState(
+            messages=[dict(m) for m in self.messages], ids=list(self._ids), memory=self._memory,
+            cache=self._cache, cache_len=self._cache_len, cache_start=self._cache_start,
+            logits=self._logits, beta_means=self._beta_means, rng=self._rng,
+            settings={"window": self.window, "keep": self.keep, "chunk": self.chunk,
+                      "system": self.system,
+                      "seed": self.seed, "capacity": self._capacity,
+                      "sampling": dataclasses.asdict(self.sampling)},
+            counters={"tokens_written": self.tokens_written, "rebuilds": self.rebuilds,
+                      "reverts": self.reverts, "compactions": self.compactions})
 
-        Written atomically: a temp dir next to ``path``, then renamed over it.
-        """
-        path = os.path.abspath(os.fspath(path))
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        n = self._cache_len
-        arrays: dict[str, np.ndarray] = {
-            "cache_mask": np.asarray(self._cache.mask[:, :n]),
-            "rng": np.asarray(jax.random.key_data(self._rng)),
-        }
-        cache_dtype = str(self._cache.keys[0].dtype) if self._cache.keys else "float32"
-        for i, (k, v) in enumerate(zip(self._cache.keys, self._cache.values)):
-            arrays[f"key_{i}"] = _to_storable(k[:, :n])
-            arrays[f"value_{i}"] = _to_storable(v[:, :n])
-        if self._memory is not None:
-            arrays["memory_state"] = np.asarray(self._memory)
-        if self._logits is not None:
-            arrays["logits"] = np.asarray(self._logits)
-        if self._beta_means is not None:
-            arrays["beta_means"] = np.asarray(self._beta_means)
-        meta = {
-            "format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION,
-            "messages": self.messages, "ids": self._ids,
-            "cache_len": n, "cache_start": self._cache_start,
-            "cache_positions": int(self._cache.positions[0]), "cache_dtype": cache_dtype,
-            "settings": {"window": self.window, "chunk": self.chunk, "system": self.system,
-                         "seed": self.seed, "capacity": self._capacity,
-                         "sampling": dataclasses.asdict(self.sampling)},
-            "counters": {"tokens_written": self.tokens_written, "rebuilds": self.rebuilds,
-                         "reverts": self.reverts, "compactions": self.compactions},
-            "model": _model_signature(self.runner),
-        }
-        tmp = tempfile.mkdtemp(prefix=".session-", dir=parent)
+    @classmethod
+    def from_state(cls, state: SessionState, model, tokenizer) -> Session:
+        """A session continuing exactly from ``state`` (see :meth:`to_state`)."""
+        s = state.settings
         try:
-            np.savez(os.path.join(tmp, _ARRAYS_FILE), **arrays)
-            with open(os.path.join(tmp, _META_FILE), "w") as f:
-                json.dump(meta, f)
-            if os.path.isdir(path):
-                old = tempfile.mkdtemp(prefix=".session-old-", dir=parent)
-                os.rmdir(old)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            sampling = SamplingConfig(**s["sampling"])
+            self = cls(model, tokenizer, window=s["window"], chunk=s["chunk"], system=None,
+                       sampling=sampling, seed=s["seed"], capacity=s["capacity"],
+                       keep=s.get("keep"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise SnapshotError(f"session settings {s!r} are not usable: {e}") from e
+        if self._capacity != state.cache.max_length:
+            raise SnapshotError(f"session capacity {self._capacity} does not match its cache "
+                                f"({state.cache.max_length})")
+        self.system = s["system"]
+        self.messages = [dict(m) for m in state.messages]
+        self._ids = list(state.ids)
+        self._memory = None if state.memory is None else self._put(state.memory)
+        self._cache = self._put(state.cache)
+        self._cache_len, self._cache_start = state.cache_len, state.cache_start
+        self._logits = None if state.logits is None else self._put(state.logits)
+        self._beta_means = None if state.beta_means is None else self._put(state.beta_means)
+        self._rng = state.rng
+        c = state.counters
+        self.tokens_written, self.rebuilds = c["tokens_written"], c["rebuilds"]
+        self.compactions, self.reverts = c["compactions"], c["reverts"]
+        return self
+
+    def snapshot(self, path: str | os.PathLike) -> None:
+        """Save memory state, cached window, ids, messages and settings to directory ``path``
+        (atomically; :mod:`deltamem_jax.inference.snapshot` describes the format)."""
+        write_snapshot(path, self.to_state(), self.runner)
 
     @classmethod
     def restore(cls, path: str | os.PathLike, model, tokenizer, *,
-                check_model: bool = True) -> "Session":
+                check_model: bool = True) -> Session:
         """A session exactly as :meth:`snapshot` saved it (bit-identical next-token logits).
 
         ``check_model``: refuse a snapshot taken with a different architecture,
         δ-mem config or δ-mem weights (its state would be meaningless).
         """
-        path = os.fspath(path)
-        meta_file, arrays_file = os.path.join(path, _META_FILE), os.path.join(path, _ARRAYS_FILE)
-        if not os.path.isdir(path):
-            raise SnapshotError(f"no session snapshot at {path!r}: not a directory")
-        if not (os.path.isfile(meta_file) and os.path.isfile(arrays_file)):
-            raise SnapshotError(f"{path!r} is not a session snapshot (needs {_META_FILE} and "
-                                f"{_ARRAYS_FILE})")
-        with open(meta_file) as f:
-            meta = json.load(f)
-        if meta.get("format") != SNAPSHOT_FORMAT or meta.get("version") != SNAPSHOT_VERSION:
-            raise SnapshotError(f"{meta_file}: unsupported snapshot format "
-                                f"{meta.get('format')!r} version {meta.get('version')!r}")
         runner = model if isinstance(model, Runner) else Runner(model)
-        if check_model:
-            want, got = _model_signature(runner), meta["model"]
-            for key in want:
-                if want[key] != got.get(key):
-                    raise SnapshotError(f"snapshot {path!r} was taken with a different model "
-                                        f"({key} differs); pass check_model=False to force")
-        s = meta["settings"]
-        self = cls(runner, tokenizer, window=s["window"], chunk=s["chunk"], system=None,
-                   sampling=SamplingConfig(**s["sampling"]), seed=s["seed"])
-        self.system = s["system"]
-        self._capacity = int(s["capacity"])        # the same shapes → the same compiled code
-        with np.load(arrays_file) as z:
-            arrays = {k: z[k] for k in z.files}
-        n = int(meta["cache_len"])
-        cfg = runner.config
-        init = KVCache.init(cfg, 1, self._capacity)
-        dtype = init.keys[0].dtype if init.keys else jnp.float32
-        try:
-            keys = tuple(k.at[:, :n].set(_from_stored(arrays[f"key_{i}"], meta["cache_dtype"],
-                                                      dtype))
-                         for i, k in enumerate(init.keys))
-            values = tuple(v.at[:, :n].set(_from_stored(arrays[f"value_{i}"],
-                                                        meta["cache_dtype"], dtype))
-                           for i, v in enumerate(init.values))
-            mask = init.mask.at[:, :n].set(jnp.asarray(arrays["cache_mask"]))
-        except (KeyError, ValueError, TypeError) as e:
-            raise SnapshotError(f"snapshot {path!r}: cache arrays do not fit the model: {e}") from e
-        self._cache = self._put(KVCache(keys, values, mask,
-                                        jnp.asarray([meta["cache_positions"]], jnp.int32),
-                                        jnp.asarray(n, jnp.int32)))
-        if self._memory is not None:
-            if "memory_state" not in arrays or arrays["memory_state"].shape != self._memory.shape:
-                raise SnapshotError(f"snapshot {path!r}: memory state missing or of the wrong "
-                                    f"shape for this model")
-            self._memory = self._put(jnp.asarray(arrays["memory_state"]))
-        self.messages = [dict(m) for m in meta["messages"]]
-        self._ids = [int(i) for i in meta["ids"]]
-        self._cache_len, self._cache_start = n, int(meta["cache_start"])
-        self._logits = self._put(jnp.asarray(arrays["logits"])) if "logits" in arrays else None
-        self._beta_means = (self._put(jnp.asarray(arrays["beta_means"]))
-                            if "beta_means" in arrays else None)
-        self._rng = jax.random.wrap_key_data(jnp.asarray(arrays["rng"]))
-        c = meta["counters"]
-        self.tokens_written, self.rebuilds = c["tokens_written"], c["rebuilds"]
-        self.compactions, self.reverts = c["compactions"], c["reverts"]
-        return self
+        return cls.from_state(read_snapshot(path, runner, check_model=check_model), runner,
+                              tokenizer)
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, model_dir: str, adapter_dir: Optional[str] = None, *,
-                        tokenizer=None, dtype: Optional[str] = None, **kwargs) -> "Session":
+    def from_pretrained(cls, model_dir: str | os.PathLike,
+                        adapter_dir: str | os.PathLike | None = None, *,
+                        tokenizer=None, dtype: str | None = None,
+                        scan_layers: bool | None = None, **kwargs) -> Session:
         """Load a local HF backbone (+ an authors'-format adapter) and its tokenizer."""
-        from deltamem_jax.checkpoints.adapters import load_adapter
-        from deltamem_jax.checkpoints.hf import load_hf_model
+        from deltamem_jax.checkpoints.pretrained import load_pretrained
         from deltamem_jax.data.tokenizer import load_tokenizer
 
-        overrides = {} if dtype is None else {"dtype": dtype, "param_dtype": dtype}
-        model = load_hf_model(model_dir, **overrides)
-        if adapter_dir is not None:
-            load_adapter(model, adapter_dir)
+        model = load_pretrained(model_dir, adapter_dir, dtype=dtype, scan_layers=scan_layers)
         tok = load_tokenizer(tokenizer if tokenizer is not None else model_dir)
         return cls(model, tok, **kwargs)
 
@@ -516,46 +603,21 @@ class Session:
 # ---------------------------------------------------------------------- helpers
 
 
-def _single_device(runner: Runner):
-    """The device holding the model if it sits on exactly one (else None: placement is jit's)."""
-    for _, var in nnx.to_flat_state(runner.state):
-        value = var.get_value()
-        sharding = getattr(value, "sharding", None)
-        if isinstance(sharding, jax.sharding.SingleDeviceSharding):
-            return next(iter(sharding.device_set))
-        return None
-    return None
+@jax.jit
+def _row(logits, i):
+    """``logits[0, i]`` with ``i`` traced: one program per bucket, not one per length."""
+    return jax.lax.dynamic_index_in_dim(logits[0], i, 0, keepdims=False)
 
 
-def _model_signature(runner: Runner) -> dict[str, Any]:
-    """What a snapshot must match: architecture, δ-mem config and a hash of δ-mem weights."""
-    c = runner.config
-    arch = {k: getattr(c, k) for k in ("model_type", "vocab_size", "hidden_size",
-                                        "num_hidden_layers", "num_attention_heads",
-                                        "num_key_value_heads", "head_dim")}
-    mc = runner.memory_config
-    h = hashlib.sha256()
-    for path, var in sorted(nnx.to_flat_state(runner.state), key=lambda x: str(x[0])):
-        if isinstance(var, MemoryParam):
-            arr = np.asarray(jax.device_get(var.get_value()))
-            h.update(str(path).encode())
-            h.update(str(arr.dtype).encode())
-            h.update(np.ascontiguousarray(arr).tobytes())
-    return {"architecture": arch,
-            "memory_config": None if mc is None else json.loads(json.dumps(mc.to_authors_dict())),
-            "memory_layers": list(runner.memory_layers),
-            "memory_weights_sha256": h.hexdigest() if mc is not None else None}
-
-
-def _to_storable(x) -> np.ndarray:
-    a = np.asarray(jax.device_get(x))
-    if a.dtype.kind == "V" or str(a.dtype) == "bfloat16":
-        return a.view(np.uint16)
-    return a
-
-
-def _from_stored(a: np.ndarray, stored_dtype: str, dtype) -> jax.Array:
-    if stored_dtype == "bfloat16":
-        a = a.view(jnp.bfloat16)
-    return jnp.asarray(a).astype(dtype)
-
+def _model_device(runner: Runner):
+    """The device holding the model if every weight sits on that one device (else None:
+    placement is left to jit)."""
+    devices = set()
+    for leaf in jax.tree.leaves(runner.state):
+        sharding = getattr(leaf, "sharding", None)
+        if not isinstance(sharding, jax.sharding.SingleDeviceSharding):
+            return None
+        devices |= sharding.device_set
+        if len(devices) > 1:
+            return None
+    return next(iter(devices)) if devices else None

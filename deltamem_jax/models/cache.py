@@ -17,14 +17,18 @@ from deltamem_jax.models.config import DecoderConfig
 
 
 class KVCache(NamedTuple):
-    keys: tuple          # per layer [B, S, n_kv, head_dim] (scanned layers: one [L, B, ...])
-    values: tuple
+    """Keys and values: a tuple of per-layer ``[B, S, n_kv, head_dim]`` arrays, or with
+    ``config.scan_layers`` one stacked ``[L, B, S, n_kv, head_dim]`` array (the sequence
+    axis is ``-3`` either way)."""
+
+    keys: tuple[jax.Array, ...] | jax.Array
+    values: tuple[jax.Array, ...] | jax.Array
     mask: jax.Array      # [B, S] bool: slot holds a real token
     positions: jax.Array  # [B] int32: next position id per row
     index: jax.Array     # int32 scalar: number of slots filled
 
     @classmethod
-    def init(cls, config: DecoderConfig, batch_size: int, max_length: int, dtype=None) -> "KVCache":
+    def init(cls, config: DecoderConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
         """An empty cache with room for ``max_length`` tokens per row."""
         dtype = dtype or config.compute_dtype
         shape = (batch_size, max_length, config.num_key_value_heads, config.head_dim)

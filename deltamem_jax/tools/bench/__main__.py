@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "throughput": ("deltamem_jax.tools.bench.throughput",
                    "prefill/decode: backbone vs + δ-mem; decode latency vs history length"),
     "load": ("deltamem_jax.tools.bench.load", "seconds per GB to load a sharded HF checkpoint"),
+    "serve": ("deltamem_jax.tools.bench.serve_load",
+              "the server under 1/4/16 concurrent sessions vs one request at a time"),
 }
 
 
