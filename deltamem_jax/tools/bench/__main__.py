@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "throughput": ("deltamem_jax.tools.bench.throughput",
                    "prefill/decode: backbone vs + δ-mem; decode latency vs history length"),
     "load": ("deltamem_jax.tools.bench.load", "seconds per GB to load a sharded HF checkpoint"),
+    "prefill": ("deltamem_jax.tools.bench.prefill",
+                "whole-model write pass against the authors' release (same model, same CPU)"),
 }
 
 
