@@ -16,7 +16,7 @@ from deltamem_jax.memory import osam, osam_pallas
 
 def _core_inputs(seed, T, N, r):
     rng = np.random.default_rng(seed)
-    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
     arrays = (unit(rng.normal(size=(T, N, r))), unit(rng.normal(size=(T, N, r))),
               rng.normal(size=(T, N, r)), rng.uniform(0.0, 1.0, (T, N, r)),
               rng.uniform(0.0, 1.0, (T, N, r)), rng.uniform(0.0, 1.0, (T, N, r)),

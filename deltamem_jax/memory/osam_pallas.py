@@ -89,7 +89,7 @@ class _Plan:
         if gpu:
             self.lanes = min(GPU_LANES, 1 << max(0, (N - 1).bit_length()))
         else:
-            self.lanes = TPU_LANES if N >= TPU_LANES else N
+            self.lanes = min(TPU_LANES, N)
         self.Np = -(-N // self.lanes) * self.lanes
         self.chunk = chunk
         if gpu:

@@ -51,7 +51,7 @@ def attention(q, k, v, key_mask, query_slots, key_slots, groups: int, *, impl: s
     q ``[B, T, nh, hd]``; k, v ``[B, S, nkv, hd]`` (``nh = groups · nkv``);
     key_mask ``[B, S]``; query_slots ``[T]``, key_slots ``[S]`` (non-decreasing).
     ``impl``: one of :data:`IMPLEMENTATIONS`. ``chunk`` > 0 processes queries in
-    blocks of that size (``xla``, ``blocked``). ``prefill``: the keys are these
+    blocks of that size (``xla``; ``blocked``: query and key blocks). ``prefill``: the keys are these
     queries' own (no cache: S = T, slots 0..T-1), which the fused kernels need.
     """
     impl = resolve_impl(impl, dtype=q.dtype, head_dim=q.shape[-1], prefill=prefill)
@@ -59,7 +59,7 @@ def attention(q, k, v, key_mask, query_slots, key_slots, groups: int, *, impl: s
         return xla_attention(q, k, v, key_mask, query_slots, key_slots, groups, chunk)
     if impl == "blocked":
         return blocked_attention(q, k, v, key_mask, query_slots, key_slots, groups,
-                                 block_q=chunk or BLOCK_Q)
+                                 block_q=chunk or BLOCK_Q, block_k=chunk or BLOCK_K)
     if not prefill:
         raise ValueError(f"attention_impl {impl!r} runs prefill only (no KV cache); use "
                          "'auto', 'xla' or 'blocked' with a cache")
@@ -86,6 +86,9 @@ def per_shard(fn, q, k, v, key_mask):
         heads = None
     qs = jax.sharding.PartitionSpec(batch, None, heads, None)
     ms = jax.sharding.PartitionSpec(batch, None)
+    if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        q, k, v, key_mask = (jax.reshard(x, p) for x, p in zip((q, k, v, key_mask),
+                                                                (qs, qs, qs, ms)))
     return jax.shard_map(fn, mesh=mesh, in_specs=(qs, qs, qs, ms), out_specs=qs,
                          check_vma=False)(q, k, v, key_mask)
 
@@ -175,6 +178,19 @@ def blocked_attention(q, k, v, key_mask, query_slots, key_slots, groups: int,
     return _blocked(q, k, v, key_mask, query_slots, key_slots, groups, bq, bk)
 
 
+def key_block_counts(query_slots, key_slots, bq: int, bk: int):
+    """Per query block, how many key blocks it visits (the rest are hidden by causality).
+
+    Key block j is visited iff its first slot ≤ the block's last query slot; with
+    non-decreasing key slots those are blocks 0 … n_i − 1.
+    """
+    nq = -(-query_slots.shape[0] // bq)
+    last = jnp.pad(query_slots, (0, nq * bq - query_slots.shape[0]), mode="edge")
+    last = last.reshape(nq, bq).max(axis=1)
+    first = key_slots[np.arange(-(-key_slots.shape[0] // bk)) * bk]
+    return jnp.sum(first[None, :] <= last[:, None], axis=1)
+
+
 def _layout(q, query_slots, groups: int, bq: int):
     """q [B, T, nh, hd] → blocks [nq, B, nkv, g·bq, hd]; slots → [nq, bq] (edge-padded)."""
     B, T, nh, hd = q.shape
@@ -241,7 +257,7 @@ def _blocked_fwd(q, k, v, key_mask, query_slots, key_slots, groups, bq, bk):
     scale = hd ** -0.5
     qb, q_slots = _layout(q, query_slots, groups, bq)               # [nq, B, nkv, m, hd]
     keys = _Keys(k, v, key_mask, key_slots, bk)
-    counts = jnp.sum(keys.first_slot[None, :] <= q_slots.max(axis=1)[:, None], axis=1)
+    counts = key_block_counts(query_slots, key_slots, bq, bk)
 
     def one_query_block(x):
         qi, slots_i, n_i = x
