@@ -20,7 +20,8 @@ right-padded rows both work). They differ in how:
 
 ``"auto"`` (see :func:`resolve_impl`) takes ``blocked`` on CPU, ``cudnn`` on GPU
 and ``splash`` on TPU where they apply, and ``xla`` otherwise (e.g. decoding
-from a KV cache on GPU/TPU, or float32 on GPU). Queries that may attend to no
+from a KV cache on GPU/TPU, or float32 on GPU; the fused kernels named
+explicitly also hand cache steps to ``xla``). Queries that may attend to no
 key at all (padding) get an arbitrary finite output in every implementation.
 """
 
@@ -60,9 +61,6 @@ def attention(q, k, v, key_mask, query_slots, key_slots, groups: int, *, impl: s
     if impl == "blocked":
         return blocked_attention(q, k, v, key_mask, query_slots, key_slots, groups,
                                  block_q=chunk or BLOCK_Q, block_k=chunk or BLOCK_K)
-    if not prefill:
-        raise ValueError(f"attention_impl {impl!r} runs prefill only (no KV cache); use "
-                         "'auto', 'xla' or 'blocked' with a cache")
     if impl == "cudnn":
         fused = functools.partial(cudnn_attention, groups=groups, fallback_chunk=chunk)
     else:
@@ -100,9 +98,15 @@ def _size(mesh, axes) -> int:
 
 def resolve_impl(impl: str, *, dtype, head_dim: int, prefill: bool,
                  backend: str | None = None) -> str:
-    """The implementation ``impl`` stands for on ``backend`` (default: JAX's default)."""
+    """The implementation ``impl`` stands for on ``backend`` (default: JAX's default).
+
+    The fused kernels (``cudnn``, ``splash``) run causal prefill only; steps that
+    attend to a KV cache take ``xla`` instead, whether chosen by ``auto`` or by name.
+    """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention_impl {impl!r}; expected one of {IMPLEMENTATIONS}")
+    if impl in ("cudnn", "splash") and not prefill:
+        return "xla"
     if impl != "auto":
         return impl
     backend = backend or jax.default_backend()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 # name -> (module, help)
 SUBCOMMANDS = {
@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "throughput": ("deltamem_jax.tools.bench.throughput",
                    "prefill/decode: backbone vs + δ-mem; decode latency vs history length"),
     "load": ("deltamem_jax.tools.bench.load", "seconds per GB to load a sharded HF checkpoint"),
+    "accel": ("deltamem_jax.tools.bench.accel",
+              "one GPU/TPU in ≤ 5 min: scan methods, model write/decode per attention, auto"),
     "prefill": ("deltamem_jax.tools.bench.prefill",
                 "whole-model write pass against the authors' release (same model, same CPU)"),
 }
@@ -33,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return importlib.import_module(SUBCOMMANDS[args.command][0]).cmd(args)
 
