@@ -225,7 +225,15 @@ class _Keys:
         S = k.shape[1]
         self.S = S
         self.n = -(-S // bk)
-        self.first_slot = key_slots[np.arange(self.n) * bk]          # [nk]
+        ends = (np.arange(self.n) + 1) * bk
+        self.first_slot = key_slots[np.arange(self.n) * bk]                  # [nk]
+        self.last_slot = key_slots[np.minimum(ends, S) - 1]
+        self.whole = jnp.asarray(ends <= S)                                  # not clamped
+
+    def interior(self, first_query_slot):
+        """How many leading key blocks every query of a block (first slot given) sees
+        entirely by causality: they need the padding mask only."""
+        return jnp.sum(self.whole & (self.last_slot <= first_query_slot))
 
     def start(self, j):
         return jnp.minimum(j * self.bk, self.S - self.bk)
@@ -241,11 +249,15 @@ class _Keys:
         return kb, vb, slots, usable
 
 
-def _pair_scores(qb, q_slots, kb, k_slots, usable, groups: int, scale: float):
-    """Masked scores of one block pair, [B, nkv, g·bq, bk] float32 (−inf where hidden)."""
+def _pair_scores(qb, q_slots, kb, k_slots, usable, groups: int, causal: bool):
+    """Scores of one block pair from pre-scaled queries, [B, nkv, g·bq, bk] float32,
+    −inf where hidden. ``causal=False``: a block every query sees (padding mask only,
+    an additive bias instead of a [bq, bk] comparison)."""
     B, nkv, m, _ = qb.shape
     bq, bk = m // groups, kb.shape[2]
-    s = jnp.einsum("bkmh,bksh->bkms", qb, kb, preferred_element_type=jnp.float32) * scale
+    s = jnp.einsum("bkmh,bksh->bkms", qb, kb, preferred_element_type=jnp.float32)
+    if not causal:
+        return s + jnp.where(usable, 0.0, -jnp.inf)[:, None, None, :]
     allowed = (k_slots[None, :] <= q_slots[:, None])[None] & usable[:, None, :]    # [B, bq, bk]
     s = jnp.where(allowed[:, None, None], s.reshape(B, nkv, groups, bq, bk), -jnp.inf)
     return s.reshape(B, nkv, m, bk)
@@ -258,30 +270,33 @@ def _blocked(q, k, v, key_mask, query_slots, key_slots, groups, bq, bk):
 
 def _blocked_fwd(q, k, v, key_mask, query_slots, key_slots, groups, bq, bk):
     B, T, _, hd = q.shape
-    scale = hd ** -0.5
-    qb, q_slots = _layout(q, query_slots, groups, bq)               # [nq, B, nkv, m, hd]
+    qb, q_slots = _layout(q * jnp.asarray(hd ** -0.5, q.dtype), query_slots, groups, bq)
     keys = _Keys(k, v, key_mask, key_slots, bk)
     counts = key_block_counts(query_slots, key_slots, bq, bk)
 
     def one_query_block(x):
         qi, slots_i, n_i = x
 
-        def visit(j, carry):
-            m, l, acc = carry
-            kb, vb, k_slots, usable = keys.block(j)
-            s = _pair_scores(qi, slots_i, kb, k_slots, usable, groups, scale)
-            m_new = jnp.maximum(m, s.max(axis=-1))
-            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            p = jnp.exp(s - m_use[..., None])
-            alpha = jnp.exp(m - m_use)
-            pv = jnp.einsum("bkms,bksh->bkmh", p.astype(vb.dtype), vb,
-                            preferred_element_type=jnp.float32)
-            return m_new, l * alpha + p.sum(axis=-1), acc * alpha[..., None] + pv
+        def visit(causal):
+            def body(j, carry):
+                m, l, acc = carry
+                kb, vb, k_slots, usable = keys.block(j)
+                s = _pair_scores(qi, slots_i, kb, k_slots, usable, groups, causal)
+                m_new = jnp.maximum(m, s.max(axis=-1))
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                p = jnp.exp(s - m_use[..., None])
+                alpha = jnp.exp(m - m_use)
+                pv = jnp.einsum("bkms,bksh->bkmh", p.astype(vb.dtype), vb,
+                                preferred_element_type=jnp.float32)
+                return m_new, l * alpha + p.sum(axis=-1), acc * alpha[..., None] + pv
+            return body
 
         shape = qi.shape[:-1]
         init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
                 jnp.zeros(qi.shape, jnp.float32))
-        m, l, acc = jax.lax.fori_loop(0, n_i, visit, init)
+        inner = jnp.minimum(keys.interior(slots_i[0]), n_i)
+        carry = jax.lax.fori_loop(0, inner, visit(False), init)
+        m, l, acc = jax.lax.fori_loop(inner, n_i, visit(True), carry)
         seen = l > 0
         out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
         lse = jnp.where(seen, jnp.where(m == -jnp.inf, 0.0, m) + jnp.log(jnp.where(seen, l, 1.0)),
@@ -297,38 +312,45 @@ def _blocked_bwd(groups, bq, bk, res, g_out):
     q, k, v, key_mask, query_slots, key_slots, out, lse = res
     B, T, _, hd = q.shape
     scale = hd ** -0.5
-    qb, q_slots = _layout(q, query_slots, groups, bq)
+    qb, q_slots = _layout(q * jnp.asarray(scale, q.dtype), query_slots, groups, bq)
     dob, _ = _layout(g_out.astype(jnp.float32), query_slots, groups, bq)
     ob, _ = _layout(out.astype(jnp.float32), query_slots, groups, bq)
     delta = jnp.sum(dob * ob, axis=-1)                               # [nq, B, nkv, m]
     keys = _Keys(k, v, key_mask, key_slots, bk)
     nq = qb.shape[0]
-    # key block j is seen by query blocks first_i(j) … nq − 1 (query slots increase)
+    # key block j is seen by query blocks first_i(j) … nq − 1 (query slots increase), and
+    # entirely (no causal mask) from inner_i(j) on
     first_i = jnp.sum(q_slots.max(axis=1)[None, :] < keys.first_slot[:, None], axis=1)
+    inner_i = jnp.where(keys.whole, jnp.sum(q_slots[:, 0][None, :] < keys.last_slot[:, None],
+                                            axis=1), nq)
+    inner_i = jnp.maximum(inner_i, first_i)
     cdt = q.dtype
 
     def one_key_block(carry, j):
         dq, dk, dv = carry
         kb, vb, k_slots, usable = keys.block(j)
 
-        def visit(i, inner):
-            dq, dk_j, dv_j = inner
-            qi, doi = qb[i], dob[i]
-            s = _pair_scores(qi, q_slots[i], kb, k_slots, usable, groups, scale)
-            p = jnp.exp(s - lse[i][..., None])
-            dv_j = dv_j + jnp.einsum("bkms,bkmh->bksh", p.astype(cdt), doi.astype(cdt),
-                                     preferred_element_type=jnp.float32)
-            dp = jnp.einsum("bkmh,bksh->bkms", doi.astype(cdt), vb,
-                            preferred_element_type=jnp.float32)
-            ds = (p * (dp - delta[i][..., None])).astype(cdt)
-            dq_i = jnp.einsum("bkms,bksh->bkmh", ds, kb, preferred_element_type=jnp.float32)
-            dq = dq.at[i].add(dq_i * scale)
-            dk_j = dk_j + scale * jnp.einsum("bkms,bkmh->bksh", ds, qi,
-                                             preferred_element_type=jnp.float32)
-            return dq, dk_j, dv_j
+        def visit(causal):
+            def body(i, inner):
+                dq, dk_j, dv_j = inner
+                qi, doi = qb[i], dob[i]
+                s = _pair_scores(qi, q_slots[i], kb, k_slots, usable, groups, causal)
+                p = jnp.exp(s - lse[i][..., None])
+                dv_j = dv_j + jnp.einsum("bkms,bkmh->bksh", p.astype(cdt), doi.astype(cdt),
+                                         preferred_element_type=jnp.float32)
+                dp = jnp.einsum("bkmh,bksh->bkms", doi.astype(cdt), vb,
+                                preferred_element_type=jnp.float32)
+                ds = (p * (dp - delta[i][..., None])).astype(cdt)
+                dq_i = jnp.einsum("bkms,bksh->bkmh", ds, kb, preferred_element_type=jnp.float32)
+                dq = dq.at[i].add(dq_i * scale)
+                dk_j = dk_j + jnp.einsum("bkms,bkmh->bksh", ds, qi,
+                                         preferred_element_type=jnp.float32)
+                return dq, dk_j, dv_j
+            return body
 
         zeros = jnp.zeros(kb.shape, jnp.float32)
-        dq, dk_j, dv_j = jax.lax.fori_loop(first_i[j], nq, visit, (dq, zeros, zeros))
+        inner = jax.lax.fori_loop(first_i[j], inner_i[j], visit(True), (dq, zeros, zeros))
+        dq, dk_j, dv_j = jax.lax.fori_loop(inner_i[j], nq, visit(False), inner)
         start = keys.start(j)
         add = lambda buf, blk: jax.lax.dynamic_update_slice_in_dim(
             buf, jax.lax.dynamic_slice_in_dim(buf, start, bk, axis=1)
