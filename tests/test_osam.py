@@ -9,7 +9,7 @@ from deltamem_jax.memory import osam
 from deltamem_jax.tools.bench.hlo_stats import compiled_stats
 from reference import recurrence
 
-METHODS = ("sequential", "associative", "chunked")
+METHODS = ("sequential", "associative", "chunked", "pallas")  # pallas: interpret mode
 MODES = osam.UPDATE_MODES
 
 
@@ -142,7 +142,7 @@ def test_gradients_agree_across_methods():
         *(jnp.float32(x[n]) for n in ("q", "k", "v", "beta", "lam", "s0")))
     for name, g in zip(("q", "k", "v", "beta", "lam", "s0"), auto):
         assert_close(ref[name], np.asarray(g, np.float64), rtol=1e-4, atol=1e-5)
-    for method in ("associative", "chunked"):
+    for method in ("associative", "chunked", "pallas"):
         other = _grads(x, method, mode, w_r, w_s)
         for name in ref:
             assert_close(other[name], np.asarray(ref[name], np.float64), rtol=1e-4, atol=1e-5)
@@ -181,11 +181,12 @@ def test_composes_with_jit_and_vmap():
     assert_close(batched, np.asarray(direct, np.float64))
 
 
-def test_bfloat16_inputs_run_in_float32():
+@pytest.mark.parametrize("method", ["auto", "pallas"])
+def test_bfloat16_inputs_run_in_float32(method):
     x = make_inputs(8, lead=(2,), T=16, padding=False)
     bf = {n: (None if x[n] is None else jnp.asarray(x[n], jnp.bfloat16)) for n in x}
     reads, state = osam.osam_scan(bf["q"], bf["k"], bf["v"], bf["beta"], bf["lam"],
-                                  initial_state=bf["s0"])
+                                  initial_state=bf["s0"], method=method)
     assert reads.dtype == jnp.float32 and state.dtype == jnp.float32
     rounded = {n: (None if v is None else np.asarray(v.astype(jnp.float32))) for n, v in bf.items()}
     ref_reads, ref_state = reference(dict(rounded, mask=None), "standard")

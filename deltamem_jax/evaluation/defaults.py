@@ -26,7 +26,8 @@ def eval_config() -> ml_collections.ConfigDict:
         dtype="float32",             # activations
         param_dtype="",              # backbone weights; "" = dtype
         scan_layers=False,
-        attention_chunk_size=0,      # >0: attention over query blocks (bounded memory)
+        attention_chunk_size=0,      # >0: attention block size (bounded memory)
+        attention_impl="auto",       # auto | xla | blocked | cudnn | splash (models/attention)
     ))
     c.data = ml_collections.ConfigDict(dict(
         path="",                     # the benchmark's local file (or directory for MAB)

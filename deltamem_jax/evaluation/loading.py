@@ -104,7 +104,9 @@ def token_write_runner(model: DecoderLM) -> Runner:
 def load_eval_model(s: EvalSettings, mesh: jax.sharding.Mesh | None = None,
                     rules: Rules | None = None) -> EvalModel:
     m = s.model
-    kwargs = {} if not m.attention_chunk_size else {"attention_chunk_size": m.attention_chunk_size}
+    kwargs = {"attention_impl": m.attention_impl}
+    if m.attention_chunk_size:
+        kwargs["attention_chunk_size"] = m.attention_chunk_size
     model = load_pretrained(m.hf_dir, m.adapter or None, dtype=m.dtype, param_dtype=m.param_dtype,
                             scan_layers=m.scan_layers, mesh=mesh, rules=rules, **kwargs)
     if mesh is not None:       # the adapter's weights too (load_adapter places them on one device)

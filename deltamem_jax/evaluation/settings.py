@@ -55,6 +55,7 @@ class ModelSettings:
     param_dtype: str
     scan_layers: bool
     attention_chunk_size: int
+    attention_impl: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +248,9 @@ def resolve(config: ml_collections.ConfigDict, *, need_model: bool = True,
     if need_data and not os.path.exists(d.path):
         _fail("data.path", f"{d.path!r} does not exist")
     _positive("model.attention_chunk_size", m.attention_chunk_size, zero_ok=True)
+    from deltamem_jax.models.config import ATTENTION_IMPLS
+    if m.attention_impl not in ATTENTION_IMPLS:
+        _fail("model.attention_impl", f"{m.attention_impl!r} is not one of {ATTENTION_IMPLS}")
     _positive("data.limit", d.limit, zero_ok=True)
     _positive("data.max_length", d.max_length)
     _positive("data.max_write_length", d.max_write_length)
@@ -293,7 +297,8 @@ def resolve(config: ml_collections.ConfigDict, *, need_model: bool = True,
     return EvalSettings(
         task=c.task, protocol=c.protocol, settings=settings,
         model=ModelSettings(m.hf_dir, m.adapter, m.dtype, m.param_dtype or m.dtype,
-                            bool(m.scan_layers), int(m.attention_chunk_size)),
+                            bool(m.scan_layers), int(m.attention_chunk_size),
+                            m.attention_impl),
         data=DataSettings(d.path, d.tokenizer, _template_kwargs(d.chat_template_kwargs),
                           int(d.limit), int(d.max_length), int(d.max_write_length),
                           int(d.recent_messages), int(d.write_pass_length)),

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 
 # The recurrence's update modes (SPEC §1) and how it may be computed (memory/osam.py).
 UPDATE_MODES = ("standard", "lambda_outside", "no_lambda")
-METHODS = ("auto", "sequential", "associative", "chunked")
+METHODS = ("auto", "sequential", "associative", "chunked", "pallas")
 DELTA_HEADS = ("q", "k", "v", "o")
 WRITE_GRANULARITIES = ("token", "message_mean", "sentence_mean")
 OUTPUT_INITS = ("zero", "random", "base_slice", "base_slice_fixed")

@@ -20,10 +20,14 @@ Three interchangeable methods give the same answers (to float32 rounding):
   ``s ↦ s A_t + b_t``; O(log T) depth but O(T r³) memory.
 * ``"chunked"``: ``lax.scan`` over chunks; inside a chunk the delta rule is solved
   in closed (WY) form with matmuls only, so the serial depth is T / chunk_size.
-  This is the accelerator path.
+* ``"pallas"``: one fused Pallas kernel per direction (``osam_pallas.py``): the
+  state stays in registers / VMEM and the token loop runs inside the kernel
+  (Mosaic on TPU, Triton on GPU, interpret mode elsewhere: slow, for tests).
 
-``"auto"`` picks ``sequential`` on CPU (fastest there by far) and ``chunked`` on
-TPU/GPU. All arithmetic runs in float32 at full matmul precision whatever the
+``"auto"`` picks ``sequential`` on CPU (measured fastest there by far) and
+``chunked`` on TPU/GPU (short serial depth, matmul-shaped work; no accelerator
+measurement yet: ``python -m deltamem_jax.tools.bench accel`` times every method
+there). All arithmetic runs in float32 at full matmul precision whatever the
 input dtype.
 """
 
@@ -36,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from deltamem_jax.memory.config import METHODS, UPDATE_MODES
+from deltamem_jax.memory.osam_pallas import pallas_scan
 
 __all__ = [
     "METHODS",
@@ -164,6 +169,7 @@ def osam_scan(q, k, v, beta, lam=None, *, mask=None, initial_state=None,
       method: one of :data:`METHODS`.
       chunk_size: chunk length of ``chunked``, and the recomputation interval of
         ``sequential``'s backward pass. Any positive int; T need not divide.
+        (``pallas`` uses its own interval, ``osam_pallas.CHUNK``.)
 
     Returns:
       ``(reads, final_state)``: ``[..., T, r]`` and ``[..., r, r]``, both float32.
@@ -205,6 +211,8 @@ def osam_scan(q, k, v, beta, lam=None, *, mask=None, initial_state=None,
         reads, s_final = _jit_sequential(*args, s0, chunk_size)
     elif method == "associative":
         reads, s_final = _jit_associative(*args, s0)
+    elif method == "pallas":
+        reads, s_final = _jit_pallas(*args, s0)
     else:
         reads, s_final = _jit_chunked(*args, s0, chunk_size)
 
@@ -505,6 +513,7 @@ def _chunked(q, k, v, keep, erase, write, s0, chunk_size):
 _jit_sequential = jax.jit(_sequential, static_argnums=7)
 _jit_associative = jax.jit(_associative)
 _jit_chunked = jax.jit(_chunked, static_argnums=7)
+_jit_pallas = jax.jit(pallas_scan)
 
 
 def _sequential_autodiff(q, k, v, keep, erase, write, s0):

@@ -17,6 +17,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen3", "smollm3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
                   "smollm3": "SmolLM3ForCausalLM"}
+# models/attention.py's implementations (named here so configs validate without tracing)
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn", "splash")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -51,6 +53,7 @@ class DecoderConfig:
     param_dtype: str = "float32"
     remat: bool = False                    # rematerialise each layer in the backward pass
     attention_chunk_size: int = 0          # >0: process queries in blocks (bounded memory)
+    attention_impl: str = "auto"           # models/attention.py: auto|xla|blocked|cudnn|splash
     scan_layers: bool = False              # one scanned layer body (fast compiles, big models)
 
     def __post_init__(self):
@@ -62,6 +65,8 @@ class DecoderConfig:
                  "num_attention_heads must be a multiple of num_key_value_heads")
         _require(not self.rope_layers or len(self.rope_layers) == self.num_hidden_layers,
                  "no_rope_layers", f"needs one entry per layer ({self.num_hidden_layers})")
+        _require(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
+                 f"{self.attention_impl!r} not in {ATTENTION_IMPLS}")
         _require(self.dtype in _DTYPES, "dtype", f"{self.dtype!r} not in {tuple(_DTYPES)}")
         _require(self.param_dtype in _DTYPES, "param_dtype",
                  f"{self.param_dtype!r} not in {tuple(_DTYPES)}")

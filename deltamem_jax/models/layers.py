@@ -14,11 +14,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deltamem_jax.memory.layer import DeltaMemory, MemoryOutput
+from deltamem_jax.models.attention import attention
 from deltamem_jax.models.config import DecoderConfig
 from deltamem_jax.models.rope import apply_rope
 from deltamem_jax.utils.sharding import LOGICAL_AXES, constrain
-
-_NEG_INF = -1e30
 
 
 def weight(rngs: nnx.Rngs, shape, axes, dtype, std: float) -> nnx.Param:
@@ -100,6 +99,7 @@ class Attention(nnx.Module):
         self.use_rope = c.uses_rope(layer_index)
         self.groups = nh // nkv
         self.chunk = c.attention_chunk_size
+        self.attention_impl = c.attention_impl
         self.memory: Optional[DeltaMemory] = nnx.data(None)
 
     def out_features(self) -> dict[str, int]:
@@ -162,7 +162,8 @@ class Attention(nnx.Module):
             cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
             new_kv = (cache_k, cache_v)
             k, v = cache_k.astype(dt), cache_v.astype(dt)
-        out = attention(q, k, v, key_mask, query_slots, key_slots, self.groups, self.chunk)
+        out = attention(q, k, v, key_mask, query_slots, key_slots, self.groups,
+                        impl=self.attention_impl, chunk=self.chunk, prefill=new_kv is None)
         out = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt))
         if self.bias:
             out = out + self.o_bias[...].astype(dt)
@@ -176,43 +177,6 @@ def torch_layout(q, k, v, o) -> dict[str, jax.Array]:
     d = q.shape[0]
     return {"q": q.reshape(d, -1).T, "k": k.reshape(d, -1).T, "v": v.reshape(d, -1).T,
             "o": o.reshape(-1, d).T}
-
-
-def attention(q, k, v, key_mask, query_slots, key_slots, groups: int, chunk: int = 0):
-    """Softmax attention with GQA; scores and softmax in float32.
-
-    q [B, T, nh, hd]; k, v [B, S, nkv, hd]; key_mask [B, S]; a query at slot i may
-    attend to keys at slots j ≤ i whose mask is set. With ``chunk`` > 0 queries go
-    in blocks of ``chunk`` (each rematerialised in the backward pass), so the score
-    matrix held at once is [chunk, S] instead of [T, S].
-    """
-    T = q.shape[1]
-    if not chunk or T <= chunk:
-        return _attention_block(q, k, v, key_mask, query_slots, key_slots, groups)
-    B, _, nh, hd = q.shape
-    pad = (-T) % chunk
-    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    slots = jnp.pad(query_slots, (0, pad), mode="edge")
-    blocks = (jnp.moveaxis(q.reshape(B, -1, chunk, nh, hd), 1, 0), slots.reshape(-1, chunk))
-
-    @jax.checkpoint
-    def one(block):
-        return _attention_block(block[0], k, v, key_mask, block[1], key_slots, groups)
-    out = jax.lax.map(one, blocks)
-    return jnp.moveaxis(out, 0, 1).reshape(B, -1, nh, hd)[:, :T]
-
-
-def _attention_block(q, k, v, key_mask, query_slots, key_slots, groups: int):
-    B, T, nh, hd = q.shape
-    nkv = k.shape[2]
-    qg = q.reshape(B, T, nkv, groups, hd)
-    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (hd ** -0.5)
-    allowed = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]  # [B,T,S]
-    scores = jnp.where(allowed[:, None, None], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-    return out.reshape(B, T, nh, hd)
 
 
 class DecoderLayer(nnx.Module):

@@ -73,12 +73,14 @@ class ModelSettings:
     param_dtype: str = "float32"       # backbone weights
     remat: bool = False                # rematerialise each layer in the backward pass
     scan_layers: bool = False          # one scanned layer body: fast compiles for deep models
-    attention_chunk_size: int = 0      # >0: attention over query blocks (bounded memory)
+    attention_chunk_size: int = 0      # >0: attention block size (bounded memory)
+    attention_impl: str = "auto"       # auto | xla | blocked | cudnn | splash (models/attention)
 
     def runtime(self) -> dict[str, Any]:
         """The run-time :class:`DecoderConfig` fields these settings fix."""
         return dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
-                    scan_layers=self.scan_layers, attention_chunk_size=self.attention_chunk_size)
+                    scan_layers=self.scan_layers, attention_chunk_size=self.attention_chunk_size,
+                    attention_impl=self.attention_impl)
 
     def decoder(self) -> DecoderConfig:
         """The backbone's architecture: from ``hf_dir``, a preset, or the scratch section."""

@@ -74,6 +74,11 @@ def logical_rules(rules: Optional[Rules]) -> Iterator[None]:
         _RULES.reset(token)
 
 
+def current_rules() -> Optional[tuple]:
+    """The rules set by :func:`logical_rules` (None outside it)."""
+    return _RULES.get()
+
+
 def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
     """Hint an activation's sharding by logical names; a no-op without rules or mesh."""
     rules = _RULES.get()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 # name -> (module, help)
 SUBCOMMANDS = {
@@ -20,6 +20,10 @@ SUBCOMMANDS = {
     "load": ("deltamem_jax.tools.bench.load", "seconds per GB to load a sharded HF checkpoint"),
     "serve": ("deltamem_jax.tools.bench.serve_load",
               "the server under 1/4/16 concurrent sessions vs one request at a time"),
+    "accel": ("deltamem_jax.tools.bench.accel",
+              "one GPU/TPU in ≤ 5 min: scan methods, model write/decode per attention, auto"),
+    "prefill": ("deltamem_jax.tools.bench.prefill",
+                "whole-model write pass against the authors' release (same model, same CPU)"),
 }
 
 
@@ -33,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return importlib.import_module(SUBCOMMANDS[args.command][0]).cmd(args)
 
