@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import random_model
 
 from deltamem_jax import Runner, SamplingConfig
 from deltamem_jax.data.tokenizer import ByteTokenizer
@@ -17,6 +16,8 @@ from deltamem_jax.inference.scheduler import Scheduler, Turn, TurnCancelled
 from deltamem_jax.inference.session import Session
 from deltamem_jax.inference.snapshot import state_digest
 from deltamem_jax.inference.store import POINTER_FILE, SessionStore, valid_name
+
+from helpers import random_model
 
 WINDOW, CHUNK, MAX = 48, 16, 8
 CAPACITY = Session.required_capacity(WINDOW, MAX, CHUNK)

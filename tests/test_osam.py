@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference import recurrence
 
 from deltamem_jax.memory import osam
 from deltamem_jax.tools.bench.hlo_stats import compiled_stats
-from reference import recurrence
 
 METHODS = ("sequential", "associative", "chunked", "pallas")  # pallas: interpret mode
 MODES = osam.UPDATE_MODES

@@ -10,13 +10,14 @@ from concurrent import futures
 import numpy as np
 import openai
 import pytest
-from helpers import random_model, save_pretrained
 from serve_harness import MODEL_NAME, ServerProcess
 
 from deltamem_jax import Runner, SamplingConfig
 from deltamem_jax.checkpoints.pretrained import load_pretrained
 from deltamem_jax.data.tokenizer import ByteTokenizer
 from deltamem_jax.inference.session import Session
+
+from helpers import random_model, save_pretrained
 
 KEY_A, KEY_B = "key-alpha-0123", "key-beta-4567"
 WINDOW, CHUNK, LIMIT = 64, 32, 16

@@ -9,10 +9,11 @@ import time
 
 import openai
 import pytest
-from helpers import random_model, save_pretrained
 from serve_harness import MODEL_NAME, ServerProcess
 
 from deltamem_jax.inference.store import CRASH_ENV, POINTER_FILE
+
+from helpers import random_model, save_pretrained
 
 POINTS = ("in-version", "before-pointer", "after-pointer")
 CRASHES = ",".join(f"{p}:crash-{p}:2" for p in POINTS)

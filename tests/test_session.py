@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import random_model, save_pretrained
 
 from deltamem_jax import Runner, SamplingConfig
 from deltamem_jax.checkpoints.pretrained import load_pretrained
@@ -17,6 +16,8 @@ from deltamem_jax.data.tokenizer import ByteTokenizer
 from deltamem_jax.inference.session import Session, SnapshotError
 from deltamem_jax.inference.snapshot import model_signature, state_digest
 from deltamem_jax.tools.chat import ChatApp, main
+
+from helpers import random_model, save_pretrained
 
 CHUNK = 16              # one bucket length, one cache capacity, one padded length → few compiles
 CAPACITY = 256

@@ -12,8 +12,8 @@ mainline, or loading fails with a clear error).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
-
+from collections.abc import Mapping
+from typing import Any
 
 # The recurrence's update modes (SPEC §1) and how it may be computed (memory/osam.py).
 UPDATE_MODES = ("standard", "lambda_outside", "no_lambda")
@@ -150,7 +150,7 @@ class DeltaMemConfig:
     # How, not what:
     scan_method: str = "auto"
     chunk_size: int = 64
-    max_spans: Optional[int] = None
+    max_spans: int | None = None
 
     def __post_init__(self):
         heads = self.delta_heads
@@ -215,7 +215,7 @@ class DeltaMemConfig:
 
     # Authors' JSON -------------------------------------------------------
     @classmethod
-    def from_authors_dict(cls, data: Mapping[str, Any], **overrides) -> "DeltaMemConfig":
+    def from_authors_dict(cls, data: Mapping[str, Any], **overrides) -> DeltaMemConfig:
         """Build from the authors' ``delta_mem_config.json`` contents.
 
         Missing fields take the authors' defaults (note: their default

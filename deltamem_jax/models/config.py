@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -44,8 +45,8 @@ class DecoderConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
-    pad_token_id: Optional[int] = None
-    bos_token_id: Optional[int] = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
     eos_token_id: Any = None
     initializer_range: float = 0.02        # std of a from-scratch init
     # How to run, not what:
@@ -87,12 +88,12 @@ class DecoderConfig:
         e = self.eos_token_id
         return () if e is None else tuple(e) if isinstance(e, (list, tuple)) else (int(e),)
 
-    def replace(self, **changes) -> "DecoderConfig":
+    def replace(self, **changes) -> DecoderConfig:
         return dataclasses.replace(self, **changes)
 
     # HF config.json ------------------------------------------------------
     @classmethod
-    def from_hf_dict(cls, hf: Mapping[str, Any], **overrides) -> "DecoderConfig":
+    def from_hf_dict(cls, hf: Mapping[str, Any], **overrides) -> DecoderConfig:
         """Read a transformers ``config.json`` dict (4.x or 5.x layout)."""
         mt = hf.get("model_type")
         _require(mt in SUPPORTED_MODEL_TYPES, "model_type",
@@ -152,7 +153,7 @@ class DecoderConfig:
         return cls(**values)
 
     @classmethod
-    def from_pretrained(cls, path: str, **overrides) -> "DecoderConfig":
+    def from_pretrained(cls, path: str, **overrides) -> DecoderConfig:
         file = os.path.join(path, "config.json")
         if not os.path.isfile(file):
             raise FileNotFoundError(f"no config.json in model directory {path!r}")

@@ -7,8 +7,6 @@ o ``[heads, head_dim, embed]``, MLP ``[embed, mlp]`` / ``[mlp, embed]``.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -100,7 +98,7 @@ class Attention(nnx.Module):
         self.groups = nh // nkv
         self.chunk = c.attention_chunk_size
         self.attention_impl = c.attention_impl
-        self.memory: Optional[DeltaMemory] = nnx.data(None)
+        self.memory: DeltaMemory | None = nnx.data(None)
 
     def out_features(self) -> dict[str, int]:
         nh, hd, d = self.o_proj.shape[-3:]
@@ -127,7 +125,7 @@ class Attention(nnx.Module):
         """
         dt = h.dtype
         B, T, _ = h.shape
-        mem: Optional[MemoryOutput] = None
+        mem: MemoryOutput | None = None
         deltas = {}
         if self.memory is not None and memory_state is not None:
             mem = self.memory(h, mask=valid, state=memory_state, write=write,

@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 LOGICAL_AXES = "logical_axes"
-Rules = Sequence[tuple[str, Optional[object]]]
+Rules = Sequence[tuple[str, object | None]]
 
-_RULES: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar(
+_RULES: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
     "deltamem_logical_rules", default=None)
 
 
-def logical_spec(axes: Sequence[Optional[str]], rules: Rules) -> PartitionSpec:
+def logical_spec(axes: Sequence[str | None], rules: Rules) -> PartitionSpec:
     """PartitionSpec for logical ``axes`` under ``rules`` (first matching rule wins).
 
     A mesh axis is used at most once per spec; a logical name with no rule, or
@@ -45,7 +45,7 @@ def logical_spec(axes: Sequence[Optional[str]], rules: Rules) -> PartitionSpec:
     return PartitionSpec(*out)
 
 
-def variable_axes(variable: nnx.Variable) -> Optional[tuple]:
+def variable_axes(variable: nnx.Variable) -> tuple | None:
     """The logical axis names a Variable was created with (or None)."""
     return variable.get_metadata(LOGICAL_AXES, None)
 
@@ -65,7 +65,7 @@ def state_shardings(state, mesh: jax.sharding.Mesh, rules: Rules):
 
 
 @contextlib.contextmanager
-def logical_rules(rules: Optional[Rules]) -> Iterator[None]:
+def logical_rules(rules: Rules | None) -> Iterator[None]:
     """Make ``rules`` the current rules for :func:`constrain` (activations)."""
     token = _RULES.set(tuple(rules) if rules is not None else None)
     try:
@@ -74,12 +74,12 @@ def logical_rules(rules: Optional[Rules]) -> Iterator[None]:
         _RULES.reset(token)
 
 
-def current_rules() -> Optional[tuple]:
+def current_rules() -> tuple | None:
     """The rules set by :func:`logical_rules` (None outside it)."""
     return _RULES.get()
 
 
-def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Hint an activation's sharding by logical names; a no-op without rules or mesh."""
     rules = _RULES.get()
     if rules is None:
