@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from deltamem_jax.checkpoints.gguf import GGUFCheckpoint, is_gguf_path
 from deltamem_jax.memory.config import DeltaMemConfig
 from deltamem_jax.models.config import DecoderConfig
 from deltamem_jax.models.decoder import DecoderLM
@@ -136,17 +137,23 @@ class SafetensorsDir:
             return self._handles[file].get_tensor(name)
 
 
-def read_backbone_state(path: str, config: DecoderConfig, abstract_state: nnx.State,
+def read_backbone_state(path, config: DecoderConfig, abstract_state: nnx.State,
                         shardings=None) -> nnx.State:
     """Fill an abstract backbone state (``nnx.eval_shape`` + ``nnx.split``) from ``path``.
 
+    ``path`` is a safetensors directory, a ``.gguf`` file or a tensor source with
+    ``get(hf_name)`` and ``path`` (e.g. a
+    :class:`~deltamem_jax.checkpoints.gguf.GGUFCheckpoint`).
     Each tensor is read once (memory-mapped), converted to the parameter's dtype
     and, with ``shardings`` (a matching tree of ``NamedSharding``), placed so
     that every device receives only its slice: works on many hosts, where each
     host fills only its addressable devices.
     """
     start = time.perf_counter()
-    source = SafetensorsDir(path)
+    if isinstance(path, (str, os.PathLike)):
+        source = GGUFCheckpoint(path) if is_gguf_path(path) else SafetensorsDir(path)
+    else:
+        source = path
     flat = dict(nnx.to_flat_state(abstract_state))
     sh_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
     groups: dict[tuple, list[Tensor]] = {}
@@ -195,20 +202,34 @@ def _read(source, t: Tensor, shape, dtype) -> np.ndarray:
     return arr.astype(dtype)
 
 
-def load_hf_model(path: str, *, memory: Optional[DeltaMemConfig] = None,
+def load_config(path: str | os.PathLike, **config_overrides) -> DecoderConfig:
+    """The :class:`DecoderConfig` of a model directory (``config.json``) or a ``.gguf`` file."""
+    if is_gguf_path(path):
+        return GGUFCheckpoint(path).config(**config_overrides)
+    return DecoderConfig.from_pretrained(path, **config_overrides)
+
+
+def load_hf_model(path: str | os.PathLike, *, memory: Optional[DeltaMemConfig] = None,
                   mesh: Optional[jax.sharding.Mesh] = None, rules: Optional[Rules] = None,
                   rngs: Optional[nnx.Rngs] = None, **config_overrides) -> DecoderLM:
     """Load a local HF checkpoint as a :class:`DecoderLM` (optionally with fresh δ-mem).
 
+    ``path`` is a model directory or a ``.gguf`` file (config from its metadata,
+    weights dequantised; see :mod:`deltamem_jax.checkpoints.gguf`).
     ``config_overrides`` set run-time fields such as ``dtype="bfloat16"``,
     ``param_dtype="bfloat16"`` or ``remat=True``. With ``mesh`` (and logical
     ``rules``) every weight lands directly in its sharding.
     """
-    config = DecoderConfig.from_pretrained(path, **config_overrides)
+    if is_gguf_path(path):
+        source = GGUFCheckpoint(path)
+        config = source.config(**config_overrides)
+    else:
+        source = path
+        config = DecoderConfig.from_pretrained(path, **config_overrides)
     abstract = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     shardings = state_shardings(abstract_state, mesh, rules or ()) if mesh is not None else None
-    model = nnx.merge(graphdef, read_backbone_state(path, config, abstract_state, shardings))
+    model = nnx.merge(graphdef, read_backbone_state(source, config, abstract_state, shardings))
     if memory is not None:
         model.attach_memory(memory, rngs=rngs or nnx.Rngs(0))
     return model

@@ -5,7 +5,7 @@ message it belongs to (message ids, labels) and where each message's content
 sits (sentence ids). :meth:`Tokenizer.render_chat` returns exactly that as a
 :class:`ChatTokens`. Two implementations: :class:`ByteTokenizer` (no files,
 for the CPU demo) and :class:`HFTokenizer` (a local Hugging Face tokenizer
-with a chat template; never downloads).
+with a chat template, from a directory or a GGUF file; never downloads).
 """
 
 from __future__ import annotations
@@ -173,6 +173,10 @@ class ByteTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A local Hugging Face tokenizer whose chat template renders conversations.
 
+    ``path`` is a tokenizer directory or a ``.gguf`` file, whose vocabulary,
+    merges, special tokens and chat template transformers converts into the
+    same fast tokenizer it uses when loading that GGUF.
+
     Message i's tokens are ``render(msgs[:i+1])`` minus its common prefix with
     ``render(msgs[:i])``; the earlier render may lose up to
     ``max_rollback`` tail tokens (those then belong to message i). Otherwise the
@@ -190,12 +194,21 @@ class HFTokenizer(Tokenizer):
         from transformers import AutoTokenizer  # lazy: only this class needs transformers
 
         path = os.fspath(path)
-        if not os.path.isdir(path):
+        gguf = _is_gguf(path)
+        if gguf and not os.path.isfile(path):
+            raise FileNotFoundError(f"HFTokenizer: GGUF file {path!r} does not exist")
+        if not gguf and not os.path.isdir(path):
             raise FileNotFoundError(f"HFTokenizer: {path!r} is not a directory")
         try:
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError, TypeError) as e:
-            raise ValueError(f"HFTokenizer: no usable tokenizer in {path!r}: {e}") from e
+            if gguf:
+                tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                                    gguf_file=os.path.basename(path),
+                                                    local_files_only=True)
+            else:
+                tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as e:   # transformers' GGUF reader raises what numpy raises
+            raise ValueError(f"HFTokenizer: no usable tokenizer in {path!r}: "
+                             f"{type(e).__name__}: {e}") from e
         if not getattr(tok, "chat_template", None):
             raise ValueError(f"HFTokenizer: the tokenizer in {path!r} has no chat template")
         self._tok = tok
@@ -299,19 +312,26 @@ def save_byte_tokenizer_marker(model_dir: str | os.PathLike) -> None:
         f.write('{"type": "byte"}\n')
 
 
+def _is_gguf(path: str) -> bool:
+    return path.lower().endswith(".gguf")
+
+
 def load_tokenizer(spec: str | os.PathLike, **kwargs: Any) -> Tokenizer:
-    """``"byte"`` → :class:`ByteTokenizer`; a directory → its tokenizer.
+    """``"byte"`` → :class:`ByteTokenizer`; a directory or ``.gguf`` file → its tokenizer.
 
     A directory marked with :data:`BYTE_TOKENIZER_MARKER` gives the byte-level
-    tokenizer; any other directory is read as a Hugging Face tokenizer
-    (kwargs passed on).
+    tokenizer; any other directory, or a GGUF file, is read as a Hugging Face
+    tokenizer (kwargs passed on).
     """
     if isinstance(spec, str) and spec == "byte":
         if kwargs:
             raise ValueError(f"load_tokenizer('byte') takes no options, got {sorted(kwargs)}")
         return ByteTokenizer()
+    if _is_gguf(os.fspath(spec)):
+        return HFTokenizer(spec, **kwargs)
     if os.path.isdir(os.fspath(spec)):
         if os.path.isfile(os.path.join(os.fspath(spec), BYTE_TOKENIZER_MARKER)):
             return ByteTokenizer()
         return HFTokenizer(spec, **kwargs)
-    raise ValueError(f"load_tokenizer: {spec!r} is neither 'byte' nor an existing tokenizer directory")
+    raise ValueError(f"load_tokenizer: {spec!r} is neither 'byte', an existing tokenizer "
+                     f"directory nor a .gguf file")
