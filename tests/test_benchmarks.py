@@ -1,6 +1,10 @@
 """HotpotQA, GPQA-Diamond, IFEval and MemoryAgentBench under the authors' protocol: tiny
 files in each released format, loading, prompts, scoring on hand cases, a full run on a tiny
-model (backbone vs δ-mem, a message-mean adapter on the span path)."""
+model (backbone vs δ-mem, a message-mean adapter on the span path).
+
+CI budget: every task answers through one function (``SinglePromptTask.run_batch`` →
+``answer_prompts``), so the backbone-alone setting runs on HotpotQA and GPQA only; IFEval
+and MemoryAgentBench run δ-mem's setting, whose write paths differ per task."""
 
 import csv
 import hashlib
@@ -154,7 +158,8 @@ def test_ifeval_checkers_and_language_heuristic():
 
 
 def test_ifeval_runs(files, models, tmp_path):
-    out = _run(models, "span", "ifeval", files / "ifeval.jsonl", tmp_path / "i")
+    out = _run(models, "span", "ifeval", files / "ifeval.jsonl", tmp_path / "i",
+               settings=("delta_mem_full_context",))
     s = out["summaries"]["delta_mem_full_context"]
     assert s["num_samples"] == 2 and s["num_instructions"] == 2
 
@@ -180,7 +185,8 @@ def test_mab_helpers():
 
 def test_mab_runs_both_write_paths(files, models, tmp_path):
     out = _run(models, "span", "memory_agent_bench", files / "mab", tmp_path / "m",
-               **{"memory_agent_bench.splits": tuple(mab.SPLITS[:2])})
+               **{"memory_agent_bench.splits": tuple(mab.SPLITS[:2]),
+                  "settings": ("delta_mem_full_context",)})
     s = out["summaries"]["delta_mem_full_context"]
     assert s["num_samples"] == 6
     assert set(s["categories"]) == {"Accurate Retrieval", "Test-time Learning"}

@@ -73,6 +73,7 @@ def test_qwen3_4b_config_is_the_authors_recipe():
         **{**dataclasses.asdict(train_settings.AUTHORS_TRAINING_MEMORY), "chunk_size": 128})
     assert (s.optim.learning_rate, s.optim.warmup_ratio, s.optim.weight_decay) == (2e-4, 0.1, 0.0)
     assert (s.data.max_length, s.data.max_write_length, s.data.recent_messages) == (512, 8192, 1)
+    assert s.data.long_replies == s.episodes().long_replies == "truncate_left"
     assert (s.data.p_state_only, s.train.sparsity_weight, s.train.sparsity_target) == \
         (0.2, 0.01, 0.05)
     smol = train_settings.resolve(_load(REPO / "configs" / "smollm3_3b.py"), need_data=False)
@@ -90,6 +91,7 @@ def test_demo_config_resolves():
     ("memory.rank", 2.5, "must be an int"),
     ("memory.delta_heads", ("q", "x"), "delta_heads"),
     ("data.p_state_only", 2.0, "probability"),
+    ("data.long_replies", "drop", "long_replies"),
     ("mesh.rules", (("batch", "pipeline"),), "mesh.rules"),
 ])
 def test_bad_fields_name_themselves(field, value, message):

@@ -29,6 +29,7 @@ from deltamem_jax.data import (
     generate_split,
     load_records,
     load_tokenizer,
+    normalise_record,
     record_problem,
     split_sentences,
     write_synthetic_dataset,
@@ -324,11 +325,46 @@ def test_episode_tail_truncation():
     assert (cut.labels != IGNORE_INDEX).sum() == 4
 
 
-def test_too_long_reply_and_bad_records_skipped(caplog):
-    long_reply = [msg("user", "q"), msg("assistant", "x" * 50)]
+def test_long_reply_truncated_from_the_left_as_the_authors_do(caplog):
+    """A reply longer than max_length keeps the last max_length tokens of the whole rendered
+    read segment (the authors' _truncate_sft_sequence), labels cut alongside; under
+    long_replies="skip" the episode is dropped with reason reply_too_long."""
+    history = [msg("system", "Be brief."), msg("user", "My code is 42."), msg("assistant", "ok"),
+               msg("user", "Recite.")]
+    reply = msg("assistant", "".join(chr(97 + i % 26) for i in range(50)))
+    conv = history + [reply]
+    # the rule, built from the rendering alone: read = system + recent user turn + reply
+    read = [conv[0], conv[3], reply]
+    rendered = BT.render_chat(read)
+    ids = np.asarray(rendered.ids)
+    labels = np.where(rendered.message_index == 2, ids, IGNORE_INDEX)
+    for max_length in (20, 51):          # shorter than the reply (52 tokens)
+        ep = build_episode(BT, conv, 4, EpisodeConfig(max_length=max_length))
+        assert ep.reply_truncated and ep.has_write
+        assert ep.read_ids.tolist() == ids[-max_length:].tolist()
+        assert ep.labels.tolist() == labels[-max_length:].tolist()
+        assert (ep.labels != IGNORE_INDEX).all()          # only the reply's tail is left
+        assert BT.decode(ep.read_ids.tolist()).endswith(reply["content"][-10:])
+    assert int((rendered.message_index == 2).sum()) == 52
+    fits = build_episode(BT, conv, 4, EpisodeConfig(max_length=52))
+    assert not fits.reply_truncated and fits.read_ids.tolist() == ids[-52:].tolist()
+    state_only = build_episode(BT, conv, 4, EpisodeConfig(max_length=20), "state_only")
+    assert state_only.read_ids.tolist() == ids[-20:].tolist() and state_only.reply_truncated
+    assert build_episode(BT, conv, 4, EpisodeConfig(max_length=20), "no_memory").reply_truncated
     with pytest.raises(EpisodeError) as e:
-        build_episode(BT, long_reply, 1, EpisodeConfig(max_length=20))
+        build_episode(BT, conv, 4, EpisodeConfig(max_length=20, long_replies="skip"))
     assert e.value.reason == "reply_too_long"
+    with pytest.raises(ValueError, match="long_replies"):
+        EpisodeConfig(long_replies="truncate_right")
+    with caplog.at_level(logging.INFO, logger="deltamem_jax.data"):
+        es = EpisodeSet(BT, [{"messages": conv}, {"messages": CONV}], EpisodeConfig(max_length=20))
+    assert len(es) == 2 and es.truncated == 1 and not es.skipped
+    assert any("1 of 2 episodes" in r.getMessage() and r.levelno == logging.INFO
+               for r in caplog.records)
+
+
+def test_bad_records_skipped(caplog):
+    long_reply = [msg("user", "q"), msg("assistant", "x" * 50)]
     lone = [msg("assistant", "a")]  # nothing before the reply: its first token is not predicted
     assert (build_episode(BT, lone, 0, EpisodeConfig()).labels[1:] != IGNORE_INDEX).sum() == 2
     with pytest.raises(EpisodeError, match="no reply token") as e:
@@ -342,18 +378,46 @@ def test_too_long_reply_and_bad_records_skipped(caplog):
         {"messages": [{"content": "x"}, msg("assistant", "y")]},
         {"messages": [msg("robot", "x"), msg("assistant", "y")]},
         {"messages": [{"role": "user", "content": 3}, msg("assistant", "y")]},
+        {"prompt": "q", "response": None},
+        {"prompt": "q"},
         {"text": "no messages"},
         "not a record",
     ]
     with caplog.at_level(logging.WARNING, logger="deltamem_jax.data"):
-        eps = build_episodes(BT, records, EpisodeConfig(max_length=20))
+        eps = build_episodes(BT, records, EpisodeConfig(max_length=20, long_replies="skip"))
     assert len(eps) == 1 and eps[0].read_ids.shape[0] <= 20
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     text = warnings[0].getMessage()
     for reason in ["reply_too_long=1", "empty_conversation=1", "no_assistant_message=1", "missing_role=1",
-                   "unknown_role=1", "non_string_content=1", "missing_messages=1", "not_a_mapping=1"]:
+                   "unknown_role=1", "non_string_content=2", "missing_messages=2", "not_a_mapping=1"]:
         assert reason in text
+    assert len(build_episodes(BT, records, EpisodeConfig(max_length=20))) == 2  # truncate_left
+
+
+def test_prompt_response_records_become_messages(tmp_path):
+    """The authors' second record form: {"prompt", "response"} = [user, assistant]; a record
+    with messages keeps them; other keys are ignored; downstream sees only messages."""
+    pr = {"prompt": "What is my code?", "response": "42", "id": 7, "system": "ignored"}
+    as_messages = {"messages": [msg("user", "What is my code?"), msg("assistant", "42")]}
+    assert record_problem(pr) is None
+    assert normalise_record(pr) == as_messages
+    both = {"messages": CONV, "prompt": "x", "response": "y"}
+    assert normalise_record(both) == {"messages": CONV}
+    assert normalise_record({"messages": None, **pr}) == as_messages   # parquet: null column
+    assert record_problem({"prompt": 1, "response": "y"}) == "non_string_content"
+    p = tmp_path / "pr.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [pr, {"messages": CONV}, {"prompt": "only"}]))
+    assert load_records(p) == [as_messages, {"messages": CONV}]
+    a = build_episode(BT, as_messages["messages"], 1, EpisodeConfig())
+    (b,) = build_episodes(BT, [pr], EpisodeConfig())
+    assert a.read_ids.tolist() == b.read_ids.tolist() and a.labels.tolist() == b.labels.tolist()
+    assert len(EpisodeSet(BT, [pr, {"messages": CONV}], EpisodeConfig())) == 2
+    import datasets
+    datasets.Dataset.from_list([{"messages": None, **pr}, {"messages": CONV[1:3], "prompt": None,
+                                "response": None, "id": 1, "system": None}]
+                               ).to_parquet(str(tmp_path / "pr.parquet"))
+    assert load_records(tmp_path / "pr.parquet") == [as_messages, {"messages": CONV[1:3]}]
 
 
 def test_clean_and_load_records(tmp_path, caplog):

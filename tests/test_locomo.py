@@ -232,6 +232,19 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     assert [f.name for f in tmp_path.iterdir()] == ["x.json"]
 
 
+def test_report_writes_through_the_one_atomic_helper(tmp_path):
+    """Reports are written by utils.atomic: a temp file left by a crashed write is cleared by
+    the next write of that file, and nothing but the report files remains."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("locomo.json", "locomo.md", "locomo.png"):
+        (out / f".{name}.crashed.tmp").write_text("torn")
+    R.write_report(RESULTS, out, "locomo", title="t")
+    assert sorted(p.name for p in out.iterdir()) == ["locomo.json", "locomo.md", "locomo.png"]
+    assert not hasattr(R, "atomic_write_bytes") or R.atomic_write_bytes.__module__ == \
+        "deltamem_jax.utils.atomic"
+
+
 def test_markdown_table():
     md = R.markdown_table(RESULTS, float_fmt="{:.3f}")
     lines = md.strip().split("\n")

@@ -229,19 +229,32 @@ def test_bad_configs_fail_before_work(data, tmp_path):
 
 
 def test_bad_records_are_counted_and_skipped(data, tmp_path, caplog):
+    """Bad records are counted and skipped; a prompt/response record trains like messages; a
+    reply longer than data.max_length is cut to its tail (default) or skipped ("skip")."""
     lines = (data / "train.jsonl").read_text().splitlines()
-    bad = ['{"messages": []}', '{"messages": [{"role": "wizard", "content": "hi"}]}',
-           '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "'
-           + "x" * 500 + '"}]}', "not json"]
+    long_reply = ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", '
+                  '"content": "' + "x" * 500 + '"}]}')
+    bad = ['{"messages": []}', '{"messages": [{"role": "wizard", "content": "hi"}]}', long_reply,
+           '{"prompt": "What is my code?", "response": "42"}', '{"prompt": 3, "response": "x"}',
+           "not json"]
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(lines + bad) + "\n")
-    c = tiny(data, **{"data.train": str(path)})
-    s = loop.setup(c)
-    with caplog.at_level("WARNING"):
-        loader = loop.make_loader(s, str(path), load_tokenizer(c.tokenizer_spec))
-    assert len(loader.source) == len(lines)
-    text = " ".join(r.getMessage() for r in caplog.records)
-    assert "skipped" in text and "reply_too_long" in text
+    for long_replies, kept, reasons in [("truncate_left", 2, ()), ("skip", 1, ("reply_too_long",))]:
+        c = tiny(data, **{"data.train": str(path), "data.long_replies": long_replies})
+        s = loop.setup(c)
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            loader = loop.make_loader(s, str(path), load_tokenizer(c.tokenizer_spec))
+        assert len(loader.source) == len(lines) + kept
+        assert loader.source.truncated == (long_replies == "truncate_left")
+        warning = " ".join(r.getMessage() for r in caplog.records if r.levelno >= 30)
+        assert "skipped" in warning
+        for reason in ("empty_conversation=1", "unknown_role=1", "non_string_content=1",
+                       "invalid_json=1") + reasons:
+            assert reason in warning
+        assert ("reply_too_long" in warning) == (long_replies == "skip")
+    with pytest.raises(settings.ConfigError, match="data.long_replies"):
+        tiny(data, **{"data.long_replies": "drop"})
 
 
 def test_dry_run_reports_counts_and_memory(data):

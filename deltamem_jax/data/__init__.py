@@ -18,7 +18,14 @@ from deltamem_jax.data.episodes import (
     target_indices,
 )
 from deltamem_jax.data.loader import EpisodeLoader, EpisodeSource
-from deltamem_jax.data.records import ROLES, clean_records, load_records, record_problem
+from deltamem_jax.data.records import (
+    ROLES,
+    clean_records,
+    load_records,
+    normalise_record,
+    record_messages,
+    record_problem,
+)
 from deltamem_jax.data.sentences import chat_sentence_ids, content_sentence_ids, split_sentences
 from deltamem_jax.data.synthetic import (
     SyntheticConfig,
@@ -42,7 +49,8 @@ __all__ = [
     "IGNORE_INDEX", "VIEWS", "Episode", "EpisodeConfig", "EpisodeError", "EpisodeSet",
     "build_episode", "build_episodes", "split_prefix", "target_indices",
     "EpisodeLoader", "EpisodeSource",
-    "ROLES", "clean_records", "load_records", "record_problem",
+    "ROLES", "clean_records", "load_records", "normalise_record", "record_messages",
+    "record_problem",
     "chat_sentence_ids", "content_sentence_ids", "split_sentences",
     "SyntheticConfig", "chance_accuracy", "generate_conversation", "generate_split", "write_synthetic_dataset",
     "ByteTokenizer", "ChatTokens", "HFTokenizer", "TemplateError", "Tokenizer", "load_tokenizer",

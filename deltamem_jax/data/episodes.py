@@ -8,22 +8,30 @@ into the memory). Views for the "context dropout" objective:
 * ``memory``: as above;
 * ``state_only``: only the last non-system message visible, the rest written;
 * ``no_memory``: nothing written; the read segment as in ``memory``.
+
+Both segments keep their last tokens when too long (the authors' ``_truncate_sft_sequence``:
+the tail of the whole rendered read segment, template tokens included, and of the write
+segment). A reply longer than ``max_length`` therefore keeps only its own tail
+(``long_replies="truncate_left"``, the authors' behaviour and the default), or the episode
+is skipped with reason ``reply_too_long`` (``long_replies="skip"``).
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from deltamem_jax.data.records import record_problem, warn_skipped
+from deltamem_jax.data.records import record_messages, record_problem, warn_skipped
 from deltamem_jax.data.sentences import chat_sentence_ids
 from deltamem_jax.data.tokenizer import TemplateError, Tokenizer
 
 __all__ = [
     "VIEWS",
+    "LONG_REPLIES",
     "IGNORE_INDEX",
     "Episode",
     "EpisodeConfig",
@@ -35,7 +43,10 @@ __all__ = [
     "build_episodes",
 ]
 
+log = logging.getLogger(__name__)
+
 VIEWS = ("memory", "state_only", "no_memory")
+LONG_REPLIES = ("truncate_left", "skip")  # what a reply longer than max_length does
 IGNORE_INDEX = -100  # label of unsupervised tokens (HF convention)
 
 
@@ -48,8 +59,12 @@ class EpisodeConfig:
     recent_messages: int = 1  # non-system prefix messages visible to the read pass
     targets: str = "final"  # "final": last assistant message; "all": every assistant message
     sentence_ids: bool = False  # compute write sentence ids (for sentence_mean writes)
+    long_replies: str = "truncate_left"  # reply > max_length: keep its tail, or "skip" it
 
     def __post_init__(self):
+        if self.long_replies not in LONG_REPLIES:
+            raise ValueError(f"EpisodeConfig.long_replies must be one of {LONG_REPLIES}, "
+                             f"got {self.long_replies!r}")
         if self.targets not in ("final", "all"):
             raise ValueError(f"EpisodeConfig.targets must be 'final' or 'all', got {self.targets!r}")
         if self.max_length < 2:
@@ -69,6 +84,7 @@ class Episode:
     write_sentence_ids: np.ndarray  # [Lw], −1 = template / system / not computed
     read_ids: np.ndarray  # [Lr]
     labels: np.ndarray  # [Lr], IGNORE_INDEX except on the target reply
+    reply_truncated: bool = False  # the reply was longer than max_length: only its tail kept
 
     @property
     def has_write(self) -> bool:
@@ -77,7 +93,7 @@ class Episode:
     def without_write(self) -> "Episode":
         """The same read segment with nothing written (the ``no_memory`` view)."""
         empty = np.zeros((0,), np.int32)
-        return Episode(empty, empty, empty, self.read_ids, self.labels)
+        return Episode(empty, empty, empty, self.read_ids, self.labels, self.reply_truncated)
 
 
 class EpisodeError(ValueError):
@@ -135,8 +151,8 @@ def build_episode(
 ) -> Episode:
     """The episode supervising ``messages[target_index]`` under ``view``.
 
-    Raises :class:`EpisodeError` if the reply alone exceeds ``max_length`` or
-    no label would survive the model's one-token shift.
+    Raises :class:`EpisodeError` if the reply alone exceeds ``max_length`` under
+    ``long_replies="skip"`` or no label would survive the model's one-token shift.
     """
     if view not in VIEWS:
         raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
@@ -149,7 +165,8 @@ def build_episode(
     chat = tokenizer.render_chat(read_msgs)
     is_target = chat.message_index == len(read_msgs) - 1
     n_reply = int(is_target.sum())
-    if n_reply > config.max_length:
+    truncated = n_reply > config.max_length
+    if truncated and config.long_replies == "skip":
         raise EpisodeError(
             "reply_too_long", f"the reply has {n_reply} tokens, more than max_length={config.max_length}"
         )
@@ -161,11 +178,11 @@ def build_episode(
 
     if view == "no_memory" or not written:
         empty = np.zeros((0,), np.int32)
-        return Episode(empty, empty, empty, read_ids, labels)
+        return Episode(empty, empty, empty, read_ids, labels, truncated)
     w_ids, w_msg, w_sent = _write_segment(
         tokenizer, [messages[i] for i in system + written], config.sentence_ids, config.max_write_length
     )
-    return Episode(w_ids.astype(np.int32), w_msg, w_sent, read_ids, labels)
+    return Episode(w_ids.astype(np.int32), w_msg, w_sent, read_ids, labels, truncated)
 
 
 def _record_episodes(tokenizer, record, config, views, counts):
@@ -174,7 +191,7 @@ def _record_episodes(tokenizer, record, config, views, counts):
     if problem is not None:
         counts[problem] += 1
         return []
-    msgs = record["messages"]
+    msgs = record_messages(record)
     out = []
     for t in target_indices(msgs, config.targets):
         try:
@@ -197,6 +214,16 @@ def _record_episodes(tokenizer, record, config, views, counts):
     return out
 
 
+def _note_truncated(examples: list[dict], config: EpisodeConfig, what: str) -> int:
+    """How many examples had a reply cut to its tail; one INFO line if any."""
+    n = sum(any(ep.reply_truncated for ep in ex.values()) for ex in examples)
+    if n:
+        log.info("%s: %d of %d episodes have a reply longer than max_length=%d; kept its last "
+                 "%d tokens (long_replies='truncate_left')", what, n, len(examples),
+                 config.max_length, config.max_length)
+    return n
+
+
 def build_episodes(
     tokenizer: Tokenizer,
     records: Iterable[Any],
@@ -207,16 +234,19 @@ def build_episodes(
     counted per reason and skipped with one warning."""
     counts: collections.Counter = collections.Counter()
     records = list(records)
-    out = [ep[view] for r in records for ep in _record_episodes(tokenizer, r, config, (view,), counts)]
+    examples = [ep for r in records for ep in _record_episodes(tokenizer, r, config, (view,), counts)]
     warn_skipped(counts, len(records), "build_episodes")
-    return out
+    _note_truncated(examples, config, "build_episodes")
+    return [ep[view] for ep in examples]
 
 
 class EpisodeSet:
     """Pre-tokenised episodes of a record list, every requested view, for the loader.
 
     ``episode(i, view)`` is example i under ``view``; an example exists only if
-    all requested views could be built. Views that coincide share arrays.
+    all requested views could be built. Views that coincide share arrays. ``skipped``
+    counts dropped records/replies per reason; ``truncated`` the examples whose reply
+    was cut to its last ``max_length`` tokens.
     """
 
     def __init__(
@@ -239,6 +269,7 @@ class EpisodeSet:
         ]
         self.skipped = counts
         warn_skipped(counts, len(records), "EpisodeSet")
+        self.truncated = _note_truncated(self._examples, config, "EpisodeSet")
         if not self._examples:
             raise ValueError(f"EpisodeSet: no usable episodes in {len(records)} records (skipped: {dict(counts)})")
 

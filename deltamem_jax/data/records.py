@@ -1,8 +1,16 @@
-"""Chat records: loading and validation.
+"""Chat records: loading, validation and normalisation to messages.
 
-A record is ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``.
-Bad records are counted per reason and skipped, with one warning per load;
-they never crash a run.
+Two record forms are accepted, as in the authors' trainer (``normalize_example``):
+
+* ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``;
+* ``{"prompt": str, "response": str}``: one user turn and the assistant's reply, read as
+  ``[user: prompt, assistant: response]`` (no system message; other keys are ignored).
+  ``messages`` wins when a record has both (a ``None`` or absent ``messages``, as in
+  parquet files that mix both forms, counts as absent).
+
+Every valid record is normalised to ``{"messages": [...]}`` (role and content only), so
+everything downstream sees one form. Bad records are counted per reason and skipped, with
+one warning per load; they never crash a run.
 """
 
 from __future__ import annotations
@@ -15,18 +23,28 @@ from typing import Any, Iterable, Optional
 
 from deltamem_jax.utils.files import FileFormatError, file_errors
 
-__all__ = ["ROLES", "record_problem", "clean_records", "load_records", "warn_skipped"]
+__all__ = ["ROLES", "record_problem", "record_messages", "normalise_record", "clean_records",
+           "load_records", "warn_skipped"]
 
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 
 
+def _raw_messages(record: dict) -> Any:
+    """The record's messages as given: its ``messages``, or those of a prompt/response pair."""
+    messages = record.get("messages")
+    if messages is None and "prompt" in record and "response" in record:
+        return [{"role": "user", "content": record["prompt"]},
+                {"role": "assistant", "content": record["response"]}]
+    return messages
+
+
 def record_problem(record: Any) -> Optional[str]:
     """Why ``record`` is unusable (a short reason), or None if it is fine."""
     if not isinstance(record, dict):
         return "not_a_mapping"
-    messages = record.get("messages")
+    messages = _raw_messages(record)
     if not isinstance(messages, (list, tuple)):
         return "missing_messages"
     if not messages:
@@ -44,6 +62,16 @@ def record_problem(record: Any) -> Optional[str]:
     if not any(m["role"] == "assistant" for m in messages):
         return "no_assistant_message"
     return None
+
+
+def record_messages(record: dict) -> list[dict]:
+    """The messages (role and content only) of a record that :func:`record_problem` accepts."""
+    return [{"role": m["role"], "content": m["content"]} for m in _raw_messages(record)]
+
+
+def normalise_record(record: dict) -> dict:
+    """``{"messages": [...]}`` of a record that :func:`record_problem` accepts."""
+    return {"messages": record_messages(record)}
 
 
 def warn_skipped(counts: collections.Counter, total: int, what: str) -> None:
@@ -66,7 +94,7 @@ def clean_records(
         if problem is not None:
             counts[problem] += 1
             continue
-        kept.append({"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]})
+        kept.append(normalise_record(r))
     if warn:
         warn_skipped(counts, total, what)
     return kept, counts

@@ -67,7 +67,7 @@ class LocomoTask(Task):
         self.decoding = resolve_decoding(s, default)
         self._count = None
         self._memo: dict = {}
-        self._prefix_memo: dict = {}
+        self._prefix_memos: dict = {}      # prefix group -> the last prefilled prefix
         self._ids: dict = {}
 
     # ------------------------------------------------------------------ items
@@ -103,10 +103,30 @@ class LocomoTask(Task):
 
     def _conversation_ids(self, setting: str, conv: int) -> list:
         """Prompt ids of every question of ``conv`` (by question index), cached."""
+        return self._conversation(setting, conv)[0]
+
+    def _conversation(self, setting: str, conv: int) -> tuple[list, list[int], list]:
+        """(prompt ids, prefix group, group plans) of every question of ``conv``, cached.
+
+        Questions whose prompts carry the same context (preamble + sessions) form one
+        group, whose common prefix is prefilled once (plan ``(length, suffix bucket)``).
+        Under truncation a question with a longer QA prompt may keep one turn fewer; the
+        newest session comes first, so its context differs from the start: it gets its
+        own group rather than spoiling the others' shared prefix."""
         if (setting, conv) not in self._ids:
             its = [it for it in self.items if it.conv == conv]
-            self._ids = {(setting, conv): [prompt_ids(self.em.tokenizer, self.messages(it, setting))
-                                           for it in its]}
+            msgs = [self.messages(it, setting) for it in its]
+            ids = [prompt_ids(self.em.tokenizer, m) for m in msgs]
+            contexts: dict[str, int] = {}
+            group = [contexts.setdefault(m[-1]["content"][: -len(self._spec(it).qa_prompt)],
+                                         len(contexts)) for it, m in zip(its, msgs)]
+            plans = []
+            for g in range(len(contexts)):
+                rows = [x for x, k in zip(ids, group) if k == g]
+                P = common_prefix_length(rows)
+                plans.append((P, bucket(max(len(x) - P for x in rows))) if P else None)
+            self._ids = {(setting, conv): (ids, group, plans)}
+            self._prefix_memos = {}
         return self._ids[(setting, conv)]
 
     def _history(self, conv: int) -> list[dict]:
@@ -128,18 +148,24 @@ class LocomoTask(Task):
 
     def _authors_group(self, setting: str, conv: int, idx: list[int]) -> list[dict]:
         em, s = self.em, self.s
-        every = self._conversation_ids(setting, conv)
+        every, group, plans = self._conversation(setting, conv)
         ids = [every[self.items[i].question_index] for i in idx]
-        prompts = [Prompt(x) for x in ids]
-        # one prefix (preamble + context) for every question of the conversation, fed once
-        P = common_prefix_length(every) if len(every) > 1 else 0
-        plan = (P, bucket(max(len(x) - P for x in every))) if P else None
-        seeds = [s.decoding.seed + self.items[i].question_index for i in idx]
         initial = self._written_history(conv) if setting == "delta_mem" else None
-        texts = answer_prompts(em, prompts, seeds, memory=uses_memory(setting),
-                               decoding=self.decoding, batch_size=s.batch_size,
-                               share_prefix=True, pass_length=s.data.write_pass_length,
-                               initial_state=initial, prefix=plan, memo=self._prefix_memo)
+        texts: list[str] = [""] * len(idx)
+        by_group: dict[int, list[int]] = {}
+        for j, i in enumerate(idx):
+            by_group.setdefault(group[self.items[i].question_index], []).append(j)
+        for g, js in by_group.items():
+            # one prefix (preamble + context) per group of the conversation, fed once
+            out = answer_prompts(em, [Prompt(ids[j]) for j in js],
+                                 [s.decoding.seed + self.items[idx[j]].question_index
+                                  for j in js],
+                                 memory=uses_memory(setting), decoding=self.decoding,
+                                 batch_size=s.batch_size, share_prefix=True,
+                                 pass_length=s.data.write_pass_length, initial_state=initial,
+                                 prefix=plans[g], memo=self._prefix_memos.setdefault(g, {}))
+            for j, text in zip(js, out):
+                texts[j] = text
         recs = []
         for i, raw, x in zip(idx, texts, ids):
             it = self.items[i]

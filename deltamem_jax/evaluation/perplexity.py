@@ -68,8 +68,10 @@ def evaluate_perplexity(runner: Runner, tokenizer: Tokenizer, records: Iterable[
     if "delta_mem" in settings and not has_memory(runner):
         raise ValueError("the delta_mem setting needs a model with δ-mem attached")
     span = span_granularity(runner)
+    # replies longer than max_length are skipped, not cut: every setting scores whole replies
     cfg = EpisodeConfig(max_length=max_length, max_write_length=max_write_length,
-                        recent_messages=recent_messages, sentence_ids=span == "sentence_mean")
+                        recent_messages=recent_messages, sentence_ids=span == "sentence_mean",
+                        long_replies="skip")
     def build(index, rec):
         msgs = rec["messages"]
         t = target_indices(msgs, "final")[0]

@@ -125,13 +125,14 @@ def render_prompt(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]],
 
 def usable_examples(records, build: Callable[[int, dict], dict], what: str
                     ) -> tuple[list[dict], "collections.Counter"]:
-    """``build(index, record)`` for every usable chat record; the rest counted per reason
+    """``build(index, record)`` for every usable chat record (normalised to ``{"messages"}``:
+    prompt/response records too); the rest counted per reason
     (bad record, episode that cannot be built, template not prefix-stable) with one warning."""
     import collections
     import logging
 
     from deltamem_jax.data.episodes import EpisodeError
-    from deltamem_jax.data.records import record_problem
+    from deltamem_jax.data.records import normalise_record, record_problem
     from deltamem_jax.data.tokenizer import TemplateError
 
     skipped: collections.Counter = collections.Counter()
@@ -142,7 +143,7 @@ def usable_examples(records, build: Callable[[int, dict], dict], what: str
             skipped[problem] += 1
             continue
         try:
-            out.append(build(index, rec))
+            out.append(build(index, normalise_record(rec)))
         except EpisodeError as e:
             skipped[e.reason] += 1
         except TemplateError:

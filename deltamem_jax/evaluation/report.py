@@ -9,7 +9,7 @@ A *results* mapping is ``{setting: {metric: value}}``, e.g.::
 Rows of the table / bar groups are the settings, columns are the metrics
 (LoCoMo: per-category F1 + overall; perplexity: loss / ppl). Nested metric
 dicts are flattened with "/" (``{"f1": {"1": x}}`` -> ``"f1/1"``). Every file is
-written atomically (temp file in the same directory + ``os.replace``).
+written atomically, through :mod:`deltamem_jax.utils.atomic` (the package's one writer).
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
+from deltamem_jax.utils.atomic import atomic_write_bytes, atomic_write_text
+
 __all__ = [
-    "atomic_write_bytes",
-    "atomic_write_text",
     "to_jsonable",
     "write_json",
     "read_json",
@@ -39,35 +38,6 @@ __all__ = [
 ]
 
 PathLike = Union[str, os.PathLike]
-
-
-# --------------------------------------------------------------------------
-# Atomic writes
-# --------------------------------------------------------------------------
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to a temp file next to ``path``, fsync, then rename over it.
-    Parent directories are created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
-
-
-def atomic_write_text(path: PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # --------------------------------------------------------------------------

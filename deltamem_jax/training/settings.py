@@ -25,7 +25,7 @@ from typing import Any
 
 import ml_collections
 
-from deltamem_jax.data.episodes import EpisodeConfig
+from deltamem_jax.data.episodes import LONG_REPLIES, EpisodeConfig
 from deltamem_jax.memory.config import DeltaMemConfig
 from deltamem_jax.models.config import DecoderConfig
 from deltamem_jax.models.presets import PRESETS, preset
@@ -105,13 +105,15 @@ class ModelSettings:
 
 @dataclasses.dataclass(frozen=True)
 class DataSettings:
-    """Conversations in chat form (``{"messages": [...]}``) from local json/jsonl/parquet."""
+    """Conversations (``{"messages": [...]}`` or ``{"prompt", "response"}`` records) from
+    local json/jsonl/parquet."""
 
     train: str = ""                    # file path (or a hub dataset name, with a network)
     validation: str = ""
     tokenizer: str = ""                # "" = the model directory's; "byte" = built-in byte level
     chat_template_kwargs: str = "auto"  # "auto" = per model family (thinking off); or JSON
-    max_length: int = 512              # read segment: recent turns + reply
+    max_length: int = 512              # read segment: recent turns + reply, tail kept
+    long_replies: str = "truncate_left"  # reply > max_length: keep its tail (authors) | "skip"
     max_write_length: int = 8192       # write segment: earlier history, oldest dropped
     recent_messages: int = 1           # non-system messages visible in the read segment
     targets: str = "final"             # supervise the final assistant reply, or "all"
@@ -122,6 +124,8 @@ class DataSettings:
     def __post_init__(self):
         if self.num_buckets < 1:
             fail("data.num_buckets", f"must be ≥ 1, got {self.num_buckets}")
+        if self.long_replies not in LONG_REPLIES:
+            fail("data.long_replies", f"{self.long_replies!r} is not one of {LONG_REPLIES}")
         for name in ("p_state_only", "p_no_memory"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 fail(f"data.{name}", f"must be a probability, got {getattr(self, name)}")
@@ -291,6 +295,7 @@ class TrainSettings:
         try:
             return EpisodeConfig(max_length=d.max_length, max_write_length=d.max_write_length,
                                  recent_messages=d.recent_messages, targets=d.targets,
+                                 long_replies=d.long_replies,
                                  sentence_ids=self.memory.memory_write_granularity
                                  == "sentence_mean")
         except (TypeError, ValueError) as e:
