@@ -256,18 +256,22 @@ class Session:
         """float32 ``[V]`` logits for the token after the last fed one (None if unknown)."""
         return None if self._logits is None else np.asarray(self._logits)
 
-    def stats(self) -> dict[str, Any]:
-        """Per δ-mem layer state Frobenius norm and β mean of the last writing pass, and counts."""
-        layers = list(self.runner.memory_layers) if self._memory is not None else []
-        norms = ([float(x) for x in jnp.sqrt(jnp.sum(jnp.square(self._memory), axis=(1, 2, 3, 4)))]
-                 if self._memory is not None else [])
-        betas = None if self._beta_means is None else [float(b) for b in self._beta_means]
-        return {"layers": layers, "state_norms": norms, "beta_means": betas,
-                "messages": len(self.messages), "tokens_seen": len(self._ids),
+    def counts(self) -> dict[str, Any]:
+        """The session's counters (host bookkeeping only: no device work, no waiting)."""
+        return {"messages": len(self.messages), "tokens_seen": len(self._ids),
                 "tokens_written": self.tokens_written, "cache_tokens": self._cache_len,
                 "cache_capacity": self._capacity, "window": self.window,
                 "compactions": self.compactions, "reverts": self.reverts,
                 "rebuilds": self.rebuilds}
+
+    def stats(self) -> dict[str, Any]:
+        """Per δ-mem layer state Frobenius norm and β mean of the last writing pass, and
+        :meth:`counts` (the norms are computed on the device and waited for)."""
+        layers = list(self.runner.memory_layers) if self._memory is not None else []
+        norms = ([float(x) for x in jnp.sqrt(jnp.sum(jnp.square(self._memory), axis=(1, 2, 3, 4)))]
+                 if self._memory is not None else [])
+        betas = None if self._beta_means is None else [float(b) for b in self._beta_means]
+        return {"layers": layers, "state_norms": norms, "beta_means": betas, **self.counts()}
 
     # ------------------------------------------------------------------ turns
     def add_message(self, role: str, content: str, *, write: bool = True) -> None:

@@ -59,6 +59,27 @@ def _tiny_model(root: str) -> tuple[str, str]:
     return os.path.join(root, "model"), os.path.join(root, "adapter")
 
 
+def _random_adapter(model_dir: str, out: str, *, rank: int = 8) -> str:
+    """A freshly initialised δ-mem adapter for ``model_dir`` (rank ``rank``, heads q and o,
+    random read-out and gate weights so that every token writes and every read changes the
+    attention): it costs what a trained one costs, and knows nothing — for throughput only."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from deltamem_jax.checkpoints.adapters import save_adapter
+    from deltamem_jax.checkpoints.pretrained import load_pretrained
+    from deltamem_jax.memory.config import DeltaMemConfig
+
+    model = load_pretrained(model_dir, memory=DeltaMemConfig(rank=rank, output_init="random"))
+    rng = np.random.default_rng(0)
+    for i in model.memory_layers:
+        m = model.layers[i].self_attn.memory
+        m.beta_proj.set_value(jnp.asarray(0.02 * rng.standard_normal(m.beta_proj.shape),
+                                          m.beta_proj.get_value().dtype))
+    save_adapter(model, out, torch_format=False)
+    return out
+
+
 def _message(session: int, turn: int, chars: int) -> str:
     text = f"Session {session}, turn {turn}. "
     while len(text) < chars:
@@ -152,8 +173,13 @@ def run_bench(model_dir: str | None, adapter_dir: str | None, *, levels: list[in
               idle_sessions: int = 32, prefill_rows: int | None = None, log=print) -> dict:
     """Both servers up at once, loads alternated (batched levels, then sequential, per
     repeat) so machine drift hits both; medians over repeats."""
+    random_adapter = False
     if model_dir is None:
         model_dir, adapter_dir = _tiny_model(os.path.join(work, "tiny"))
+    elif adapter_dir is None:
+        log(f"writing a freshly initialised rank-8 δ-mem adapter for {model_dir} …")
+        adapter_dir = _random_adapter(model_dir, os.path.join(work, "random-adapter"))
+        random_adapter = True
     slots = max(levels)
     common = ["--window", str(window), "--chunk", str(chunk), "--max-tokens", str(max_tokens),
               "--log-level", "warning"] + (["--no-fsync"] if not fsync else [])
@@ -198,14 +224,19 @@ def run_bench(model_dir: str | None, adapter_dir: str | None, *, levels: list[in
                                              for r, q in zip(rs, seq)))
         rows.append(row)
     return {"rows": rows, "idle": idle, "settings": {
-        "model": model_dir, "adapter": adapter_dir, "turns": turns, "chars": chars,
+        "model": model_dir, "adapter": adapter_dir, "random_adapter": random_adapter,
+        "turns": turns, "chars": chars,
         "max_tokens": max_tokens, "window": window, "chunk": chunk, "slots": slots,
         "dtype": dtype, "fsync": fsync, "repeats": repeats, "prefill_rows": rows}}
 
 
 def format_table(result: dict, machine: dict) -> str:
     s = result["settings"]
-    lines = [(f"Serving load ({'tiny random model' if 'tiny' in str(s['model']) else s['model']}"
+    what = ("tiny random model" if "tiny" in str(s["model"]) else
+            os.path.basename(os.path.normpath(str(s["model"]))))
+    if s.get("random_adapter"):
+        what += " + a freshly initialised rank-8 δ-mem (q, o; throughput only)"
+    lines = [(f"Serving load ({what}"
              f"; {s['turns']} turns per session, {s['chars']}-character messages, greedy "
              f"replies of {s['max_tokens']} tokens, window {s['window']}"
              f"{'' if s['fsync'] else ', no fsync'}; "

@@ -167,6 +167,7 @@ def create_app(service: Service) -> FastAPI:
     async def health():
         return {"status": "ok", "live_turns": service.scheduler.live,
                 "busy_sessions": service.busy_sessions,
+                "session_cache": service.store.cache.stats(),
                 "uptime_s": round(time.time() - service.started, 1)}
 
     def model_card() -> dict[str, Any]:
