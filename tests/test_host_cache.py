@@ -4,7 +4,6 @@ stands only for the version CURRENT names, and the bounds (count, bytes) hold.""
 import jax
 import numpy as np
 import pytest
-from helpers import random_model
 
 from deltamem_jax import Runner, SamplingConfig
 from deltamem_jax.data.tokenizer import ByteTokenizer
@@ -12,6 +11,8 @@ from deltamem_jax.inference.host_cache import HostCache
 from deltamem_jax.inference.session import Session
 from deltamem_jax.inference.snapshot import snapshot_parts, state_digest
 from deltamem_jax.inference.store import SessionStore
+
+from helpers import random_model
 
 WINDOW, CHUNK, MAX = 48, 16, 8
 CAPACITY = Session.required_capacity(WINDOW, MAX, CHUNK)

@@ -4,7 +4,7 @@ Callers :meth:`Scheduler.submit` a :class:`Turn` — a session, the messages to
 append, sampling settings, stop strings and an event callback. The decode
 thread admits turns into free slots and then loops: one **round of prefill
 passes** — every admitted turn's next model pass (its new messages, compaction
-passes, its generation prompt; see :meth:`Session.add_message_passes`), passes
+passes, its generation prompt; see :meth:`Session.begin_turn_passes`), passes
 of the same length and write flag run together by :func:`run_passes` in groups
 of ``prefill_rows`` rows — then one batched :meth:`SlotDecoder.step` for every
 decoding slot. A turn whose prompt is in joins the decode batch; it ends on an
@@ -217,10 +217,8 @@ class Scheduler:
 
     @staticmethod
     def _prompt_passes(turn: Turn):
-        s = turn.session
-        for m in turn.messages:
-            yield from s.add_message_passes(m["role"], m["content"], write=turn.write)
-        return (yield from s.begin_reply_passes(turn.max_tokens, write=turn.write))
+        return (yield from turn.session.begin_turn_passes(turn.messages, turn.max_tokens,
+                                                          write=turn.write))
 
     def _advance(self, work: _Work, result) -> None:
         """Send ``result`` (None: start) into a turn's generator; keep it while it asks for

@@ -186,9 +186,10 @@ def run_bench(model_dir: str | None, adapter_dir: str | None, *, levels: list[in
     if dtype:
         common += ["--dtype", dtype]
     deadline = time.monotonic() + time_limit
-    rows = slots if prefill_rows is None else prefill_rows
+    prefill = slots if prefill_rows is None else prefill_rows
     batched = ServerProcess(model_dir, adapter_dir, os.path.join(work, "state-batched"),
-                            args=common + ["--slots", str(slots), "--prefill-rows", str(rows)])
+                            args=common + ["--slots", str(slots), "--prefill-rows",
+                                           str(prefill)])
     single = ServerProcess(model_dir, adapter_dir, os.path.join(work, "state-single"),
                            args=common + ["--slots", "1"])
     runs: dict[tuple[str, int], list[dict]] = {}
@@ -227,7 +228,7 @@ def run_bench(model_dir: str | None, adapter_dir: str | None, *, levels: list[in
         "model": model_dir, "adapter": adapter_dir, "random_adapter": random_adapter,
         "turns": turns, "chars": chars,
         "max_tokens": max_tokens, "window": window, "chunk": chunk, "slots": slots,
-        "dtype": dtype, "fsync": fsync, "repeats": repeats, "prefill_rows": rows}}
+        "dtype": dtype, "fsync": fsync, "repeats": repeats, "prefill_rows": prefill}}
 
 
 def format_table(result: dict, machine: dict) -> str:
