@@ -486,11 +486,24 @@ def test_begin_turn_feeds_messages_and_prompt_together(runner, tok):
     assert {(True, False), (True, True), (False, True)} <= seen, seen
 
 
-def test_begin_turn_reply_that_does_not_re_encode_reverts_before_the_messages(runner):
-    s = _session(runner, ConstantReply())
-    _feed_conversation(s, CONVERSATION[:1])
-    pending = s.begin_turn([{"role": "user", "content": CONVERSATION[1][1]}], 8)
-    assert s.end_reply(pending, *_greedy(s, pending, 8)) == "ok"
-    assert s.stats()["reverts"] == 1 and s.messages[-2:] == [
-        {"role": "user", "content": CONVERSATION[1][1]}, {"role": "assistant", "content": "ok"}]
-    _check_matches_full_pass(s, runner)         # the message fed again, the reply rewritten
+def test_begin_turn_reply_that_does_not_re_encode_reverts_like_step_by_step(runner):
+    """A reply that does not re-encode: the merged turn reverts to before its messages,
+    feeds them again one by one, then the rendered reply — ending bit for bit where
+    add_message + begin_reply + end_reply ends."""
+    new = [{"role": "user", "content": CONVERSATION[1][1]}]
+    for window, keep in ((None, None), (40, 16)):
+        a, b = (_CountingSession(runner, ConstantReply(), chunk=CHUNK, sampling=SAMPLING,
+                                 capacity=CAPACITY, window=window, keep=keep)
+                for _ in range(2))
+        for s in (a, b):
+            _feed_conversation(s, CONVERSATION[:1])
+            s.passes = 0
+        a.add_message("user", new[0]["content"])
+        pa, pb = a.begin_reply(8), b.begin_turn(new, 8)
+        assert b.passes < a.passes                           # b merged its feed
+        assert a.end_reply(pa, *_greedy(a, pa, 8)) == b.end_reply(pb, *_greedy(b, pb, 8)) == "ok"
+        assert a.stats()["reverts"] == b.stats()["reverts"] == 1
+        assert a.messages == b.messages and a.ids == b.ids and a.counts() == b.counts()
+        assert state_digest(a.to_state()) == state_digest(b.to_state())
+        if window is None:
+            _check_matches_full_pass(b, runner)   # the message fed again, the reply rewritten

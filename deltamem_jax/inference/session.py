@@ -85,6 +85,7 @@ class _Checkpoint:
     logits: Any
     beta_means: Any
     tokens_written: int
+    replay: tuple[tuple[int, ...], ...] = ()   # fed one by one after restoring (a merged turn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,18 +360,19 @@ class Session:
         keeping the same tokens, as the step-by-step path would (token writes do not care
         where passes begin). Otherwise — and for templates that rewrite history or render
         the prompt inconsistently — it takes the step-by-step path. If the reply then does
-        not re-encode, the session reverts to before these messages and feeds them again
-        with the rendered reply (the step-by-step path reverts to after them)."""
+        not re-encode, the session reverts to before these messages, feeds them again one by
+        one, then the rendered reply: exactly what the step-by-step path ends with."""
         n = len(self.messages)
         self.messages.extend({"role": m["role"], "content": m["content"]} for m in messages)
         try:
-            target = self._merged_feed(n)
-            if target is None:
+            merged = self._merged_feed(n)
+            if merged is None:
                 del self.messages[n:]
                 for m in messages:
                     yield from self.add_message_passes(m["role"], m["content"], write=write)
                 return (yield from self.begin_reply_passes(max_new_tokens, write=write))
-            checkpoint = self._checkpoint()
+            target, stretches = merged
+            checkpoint = dataclasses.replace(self._checkpoint(), replay=stretches)
             yield from self._feed(target[len(self._ids):], write=write)
         except Exception:
             del self.messages[n:]
@@ -379,10 +381,10 @@ class Session:
         return PendingReply(self._memory, self._cache, self._logits, self._cache_len,
                             len(self._ids), max_new_tokens, write, checkpoint)
 
-    def _merged_feed(self, first: int) -> list[int] | None:
-        """The rendered conversation with its generation prompt if feeding messages
-        ``first:`` and the prompt in one stretch is equivalent to feeding them one by one
-        (see :meth:`begin_turn_passes`), else None."""
+    def _merged_feed(self, first: int) -> tuple[list[int], tuple[tuple[int, ...], ...]] | None:
+        """The rendered conversation with its generation prompt, and the messages' own
+        stretches of it, if feeding messages ``first:`` and the prompt in one stretch is
+        equivalent to feeding them one by one (see :meth:`begin_turn_passes`), else None."""
         render = lambda k, prompt=False: self.tokenizer.render_chat(
             self.messages[:k], add_generation_prompt=prompt).ids.tolist()
         target = render(len(self.messages), True)
@@ -399,7 +401,7 @@ class Session:
         limit = self.chunk if self.window is None else min(self.chunk, self.window)
         if steps[-1] > limit or self._rebuilds_at(steps) != self._rebuilds_at([sum(steps)]):
             return None
-        return target
+        return target, tuple(tuple(target[a:b]) for a, b in zip(ends[:-2], ends[1:-1]))
 
     def _rebuilds_at(self, feeds: Sequence[int]) -> list[tuple[int, int]]:
         """Where :meth:`_feed` would rebuild the window — (tokens fed before, tokens kept) —
@@ -500,10 +502,14 @@ class Session:
         p = _common_prefix(self._ids, target)
         if p == len(self._ids):
             yield from self._feed(target[p:], write=write)
-        elif checkpoint is not None and p >= checkpoint.n_ids:
+        elif checkpoint is not None and p >= checkpoint.n_ids + sum(map(len, checkpoint.replay)):
             self._restore_checkpoint(checkpoint)
             self.reverts += 1
-            yield from self._feed(target[checkpoint.n_ids:], write=write)
+            counted = self.compactions
+            for stretch in checkpoint.replay:     # a merged turn's messages, as fed one by one
+                yield from self._feed(list(stretch), write=write)
+            self.compactions = counted            # those rebuilds were counted when merged
+            yield from self._feed(target[len(self._ids):], write=write)
         else:
             yield from self._rebuild(target)
 
