@@ -136,7 +136,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="deltamem-decode", daemon=True)
         self.stats = {"steps": 0, "tokens": 0, "turns": 0, "passes": 0, "pass_calls": 0,
-                      "busy_s": 0.0, "max_live": 0}
+                      "busy_s": 0.0, "pass_s": 0.0, "step_s": 0.0, "max_live": 0}
 
     # ------------------------------------------------------------------ control
     def start(self) -> Scheduler:
@@ -173,9 +173,13 @@ class Scheduler:
                 t0 = time.perf_counter()
                 if self._work:
                     self._passes()
+                t1 = time.perf_counter()
                 if self._active:
                     self._decode()
-                self.stats["busy_s"] += time.perf_counter() - t0
+                t2 = time.perf_counter()
+                self.stats["pass_s"] += t1 - t0
+                self.stats["step_s"] += t2 - t1
+                self.stats["busy_s"] += t2 - t0
             except Exception as e:                      # never let the thread die
                 log.exception("scheduler step failed")
                 self._fail_all(e)

@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a non-loopback --host without API keys")
     p.add_argument("--slots", type=int, default=8, help="sessions decoded in one batch")
     p.add_argument("--prefill-rows", type=int,
-                   help="sessions prefilled in one batched call (default: 1 on CPU, where a "
-                        "pass is compute-bound, min(slots, 8) on accelerators)")
+                   help="sessions prefilled in one batched call; every call is padded to this "
+                        "many rows (default: min(slots, 4) on CPU, min(slots, 8) on "
+                        "accelerators)")
     p.add_argument("--window", type=int, default=1024, help="KV-cache window per session")
     p.add_argument("--keep", type=int, help="tokens a full window keeps when it is rebuilt "
                                             "(default: half the window)")

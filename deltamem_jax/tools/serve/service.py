@@ -63,8 +63,8 @@ class ServeConfig:
     model_name: str
     api_keys: tuple[str, ...] = ()
     slots: int = 8
-    prefill_rows: int | None = None  # sessions per batched prefill call (None: 1 on CPU,
-                                     # up to 8 on accelerators)
+    prefill_rows: int | None = None  # sessions per batched prefill call (None: up to 4 on
+                                     # CPU, up to 8 on accelerators)
     window: int = 1024
     keep: int | None = None          # tokens a window rebuild keeps (None: window // 2)
     chunk: int = 256
@@ -157,7 +157,7 @@ class Service:
         self.recovered = self.store.recover()
         rows = config.prefill_rows
         if rows is None:
-            rows = 1 if jax.default_backend() == "cpu" else min(config.slots, 8)
+            rows = min(config.slots, 4 if jax.default_backend() == "cpu" else 8)
         self.scheduler = Scheduler(runner, tokenizer, slots=config.slots, capacity=self.capacity,
                                    prefill_rows=rows).start()
         self._namespaces = {hashlib.sha256(k.encode()).hexdigest()[:32]: k
