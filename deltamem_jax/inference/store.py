@@ -60,7 +60,9 @@ _NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 #: Testing hook (fault injection): ``DELTAMEM_STORE_CRASH_AT="POINT:SESSION:VERSION,..."``
 #: SIGKILLs the process at POINT of the commit of VERSION of SESSION (points:
 #: "in-version" — the snapshot files written, the info file not; "before-pointer" —
-#: the version directory in place, CURRENT not updated; "after-pointer").
+#: the version directory in place, CURRENT not updated; "after-pointer"). Each rule fires
+#: once per store directory (a marker file ``.crashed-POINT-SESSION-VERSION`` in its root
+#: remembers it), so a restarted server with the same environment goes on serving.
 CRASH_ENV = "DELTAMEM_STORE_CRASH_AT"
 CRASH_POINTS = ("in-version", "before-pointer", "after-pointer")
 
@@ -155,6 +157,10 @@ class SessionStore:
 
     def _fault(self, point: str, sid: str, version: int) -> None:
         if (point, sid, version) in self._crash:
+            marker = self.root / f".crashed-{point}-{sid}-{version}"
+            if marker.exists():
+                return
+            marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
 
     # ------------------------------------------------------------------ queries
