@@ -408,13 +408,17 @@ def test_load_benchmark_drives_the_server(server):
     for r in rows:
         assert r["requests"] == 4 and r["complete"] and r["tokens"] == 16
         assert r["tok_per_s"] > 0 and r["p95_s"] >= r["p50_s"] > 0
+        assert r["cpu_s_per_req"] > 0 and 0 < r["busy_frac"] <= 1.0 + 1e-6
+        assert r["passes_per_req"] >= 1 and r["rows_per_call"] >= 1
         r["speedup"] = r["tok_per_s"] / rows[-1]["tok_per_s"]
     assert server.session("bench-1")["turns"] == 4          # both runs used the same ids
     table = serve_load.format_table(
         {"rows": rows, "idle": {"sessions": 2, "disk_bytes_per_session": 2048.0,
-                                "rss_growth_bytes_per_session": None},
+                                "rss_growth_bytes_per_session": None,
+                                "host_cache": server.health()["session_cache"],
+                                "host_cache_bytes_per_session": 1024.0},
          "settings": {"model": "tiny", "turns": 2, "chars": 40, "max_tokens": 4, "window": 64,
                       "chunk": 32, "slots": 4, "fsync": True, "repeats": 1,
                       "prefill_rows": 2}}, common.machine_info())
     assert "| batched | 2 | 4 | 16 |" in table and "| sequential | 2 | 4 | 16 |" in table
-    assert "2.0 KiB on disk" in table
+    assert "2.0 KiB on disk" in table and "1.0 KiB is its host copy" in table

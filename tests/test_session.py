@@ -423,3 +423,88 @@ def test_keep_rebuilds_the_window_less_often(runner, tok):
                                np.asarray(every.memory_state)[0], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="keep must be"):
         _session(runner, tok, window=40, keep=40)
+
+
+class _CountingSession(Session):
+    """Counts the model passes a session runs."""
+
+    passes = 0
+
+    def run_pass(self, p):
+        self.passes += 1
+        return super().run_pass(p)
+
+
+def _greedy(s, pending, n):
+    """Decode ``pending`` greedily outside the session (what a batching decoder does)."""
+    mem, cache, logits, tokens = pending.memory_state, pending.cache, pending.logits, []
+    for _ in range(n):
+        t = int(np.argmax(np.asarray(logits)))
+        if t in s.tokenizer.stop_ids:
+            break
+        out = s.runner(np.array([[t]], np.int32), attention_mask=np.ones((1, 1), bool),
+                       memory_state=mem, cache=cache, write=pending.write)
+        mem, cache, logits = out.memory_state, out.cache, out.logits[0, -1]
+        tokens.append(t)
+    return tokens, mem, cache
+
+
+def test_begin_turn_feeds_messages_and_prompt_together(runner, tok):
+    """begin_turn = add_message for each message + begin_reply: the same ids, memory, logits
+    and window bit for bit — in fewer passes when that rebuilds the window at the same
+    points (with or without a rebuild in the turn), step by step when it would not."""
+    new = [{"role": "user", "content": "What is my cat called?"},
+           {"role": "user", "content": "And the dog?"}]
+    seen = set()
+    for window, keep in ((None, None), (40, None), (40, 16), (48, 24), (64, 8), (96, 8)):
+        a, b = (_CountingSession(runner, tok, chunk=CHUNK, sampling=SAMPLING,
+                                 capacity=CAPACITY, window=window, keep=keep) for _ in range(2))
+        for s in (a, b):
+            _feed_conversation(s, CONVERSATION[:5])
+            s.passes, s.before = 0, s.compactions
+        for m in new:
+            a.add_message(m["role"], m["content"])
+        pa = a.begin_reply(8)
+        pb = b.begin_turn(new, 8)
+        assert a.ids == b.ids and a.messages == b.messages and a.counts() == b.counts()
+        assert (pa.n_ids, pa.cache_len) == (pb.n_ids, pb.cache_len)
+        n = pa.cache_len                     # slots past it hold padding: never attended
+        for x, y in ((pa.memory_state, pb.memory_state), (pa.logits, pb.logits),
+                     (pa.cache.keys, pb.cache.keys), (pa.cache.values, pb.cache.values),
+                     (pa.cache.mask, pb.cache.mask)):
+            for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
+                u, v = np.asarray(u), np.asarray(v)
+                if u.ndim == 4:                  # [B, S, kv, hd] keys / values
+                    u, v = u[:, :n], v[:, :n]
+                np.testing.assert_array_equal(u, v)
+        merged, rebuilt = b.passes < a.passes, b.compactions > b.before
+        assert b.passes <= a.passes
+        if not merged:
+            assert state_digest(a.to_state()) == state_digest(b.to_state())
+        seen.add((merged, rebuilt))
+        text = b.end_reply(pb, *_greedy(b, pb, 8))
+        assert b.messages[-1] == {"role": "assistant", "content": text}
+    assert {(True, False), (True, True), (False, True)} <= seen, seen
+
+
+def test_begin_turn_reply_that_does_not_re_encode_reverts_like_step_by_step(runner):
+    """A reply that does not re-encode: the merged turn reverts to before its messages,
+    feeds them again one by one, then the rendered reply — ending bit for bit where
+    add_message + begin_reply + end_reply ends."""
+    new = [{"role": "user", "content": CONVERSATION[1][1]}]
+    for window, keep in ((None, None), (40, 16)):
+        a, b = (_CountingSession(runner, ConstantReply(), chunk=CHUNK, sampling=SAMPLING,
+                                 capacity=CAPACITY, window=window, keep=keep)
+                for _ in range(2))
+        for s in (a, b):
+            _feed_conversation(s, CONVERSATION[:1])
+            s.passes = 0
+        a.add_message("user", new[0]["content"])
+        pa, pb = a.begin_reply(8), b.begin_turn(new, 8)
+        assert b.passes < a.passes                           # b merged its feed
+        assert a.end_reply(pa, *_greedy(a, pa, 8)) == b.end_reply(pb, *_greedy(b, pb, 8)) == "ok"
+        assert a.stats()["reverts"] == b.stats()["reverts"] == 1
+        assert a.messages == b.messages and a.ids == b.ids and a.counts() == b.counts()
+        assert state_digest(a.to_state()) == state_digest(b.to_state())
+        if window is None:
+            _check_matches_full_pass(b, runner)   # the message fed again, the reply rewritten

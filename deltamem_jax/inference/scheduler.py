@@ -4,7 +4,7 @@ Callers :meth:`Scheduler.submit` a :class:`Turn` — a session, the messages to
 append, sampling settings, stop strings and an event callback. The decode
 thread admits turns into free slots and then loops: one **round of prefill
 passes** — every admitted turn's next model pass (its new messages, compaction
-passes, its generation prompt; see :meth:`Session.add_message_passes`), passes
+passes, its generation prompt; see :meth:`Session.begin_turn_passes`), passes
 of the same length and write flag run together by :func:`run_passes` in groups
 of ``prefill_rows`` rows — then one batched :meth:`SlotDecoder.step` for every
 decoding slot. A turn whose prompt is in joins the decode batch; it ends on an
@@ -136,7 +136,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="deltamem-decode", daemon=True)
         self.stats = {"steps": 0, "tokens": 0, "turns": 0, "passes": 0, "pass_calls": 0,
-                      "busy_s": 0.0, "max_live": 0}
+                      "busy_s": 0.0, "pass_s": 0.0, "step_s": 0.0, "max_live": 0}
 
     # ------------------------------------------------------------------ control
     def start(self) -> Scheduler:
@@ -173,9 +173,13 @@ class Scheduler:
                 t0 = time.perf_counter()
                 if self._work:
                     self._passes()
+                t1 = time.perf_counter()
                 if self._active:
                     self._decode()
-                self.stats["busy_s"] += time.perf_counter() - t0
+                t2 = time.perf_counter()
+                self.stats["pass_s"] += t1 - t0
+                self.stats["step_s"] += t2 - t1
+                self.stats["busy_s"] += t2 - t0
             except Exception as e:                      # never let the thread die
                 log.exception("scheduler step failed")
                 self._fail_all(e)
@@ -217,10 +221,8 @@ class Scheduler:
 
     @staticmethod
     def _prompt_passes(turn: Turn):
-        s = turn.session
-        for m in turn.messages:
-            yield from s.add_message_passes(m["role"], m["content"], write=turn.write)
-        return (yield from s.begin_reply_passes(turn.max_tokens, write=turn.write))
+        return (yield from turn.session.begin_turn_passes(turn.messages, turn.max_tokens,
+                                                          write=turn.write))
 
     def _advance(self, work: _Work, result) -> None:
         """Send ``result`` (None: start) into a turn's generator; keep it while it asks for

@@ -85,6 +85,7 @@ class _Checkpoint:
     logits: Any
     beta_means: Any
     tokens_written: int
+    replay: tuple[tuple[int, ...], ...] = ()   # fed one by one after restoring (a merged turn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,18 +257,22 @@ class Session:
         """float32 ``[V]`` logits for the token after the last fed one (None if unknown)."""
         return None if self._logits is None else np.asarray(self._logits)
 
-    def stats(self) -> dict[str, Any]:
-        """Per δ-mem layer state Frobenius norm and β mean of the last writing pass, and counts."""
-        layers = list(self.runner.memory_layers) if self._memory is not None else []
-        norms = ([float(x) for x in jnp.sqrt(jnp.sum(jnp.square(self._memory), axis=(1, 2, 3, 4)))]
-                 if self._memory is not None else [])
-        betas = None if self._beta_means is None else [float(b) for b in self._beta_means]
-        return {"layers": layers, "state_norms": norms, "beta_means": betas,
-                "messages": len(self.messages), "tokens_seen": len(self._ids),
+    def counts(self) -> dict[str, Any]:
+        """The session's counters (host bookkeeping only: no device work, no waiting)."""
+        return {"messages": len(self.messages), "tokens_seen": len(self._ids),
                 "tokens_written": self.tokens_written, "cache_tokens": self._cache_len,
                 "cache_capacity": self._capacity, "window": self.window,
                 "compactions": self.compactions, "reverts": self.reverts,
                 "rebuilds": self.rebuilds}
+
+    def stats(self) -> dict[str, Any]:
+        """Per δ-mem layer state Frobenius norm and β mean of the last writing pass, and
+        :meth:`counts` (the norms are computed on the device and waited for)."""
+        layers = list(self.runner.memory_layers) if self._memory is not None else []
+        norms = ([float(x) for x in jnp.sqrt(jnp.sum(jnp.square(self._memory), axis=(1, 2, 3, 4)))]
+                 if self._memory is not None else [])
+        betas = None if self._beta_means is None else [float(b) for b in self._beta_means]
+        return {"layers": layers, "state_norms": norms, "beta_means": betas, **self.counts()}
 
     # ------------------------------------------------------------------ turns
     def add_message(self, role: str, content: str, *, write: bool = True) -> None:
@@ -346,6 +351,81 @@ class Session:
             self.messages.pop()
             raise
 
+    def begin_turn_passes(self, messages: Sequence[dict[str, str]], max_new_tokens: int, *,
+                          write: bool = True
+                          ) -> Generator[Pass, PassResult, PendingReply]:
+        """:meth:`add_message_passes` for each of ``messages``, then :meth:`begin_reply_passes`
+        — the same state, in fewer, fuller passes: the messages' tokens and the generation
+        prompt are fed as one stretch whenever that rebuilds the window at the same points,
+        keeping the same tokens, as the step-by-step path would (token writes do not care
+        where passes begin). Otherwise — and for templates that rewrite history or render
+        the prompt inconsistently — it takes the step-by-step path. If the reply then does
+        not re-encode, the session reverts to before these messages, feeds them again one by
+        one, then the rendered reply: exactly what the step-by-step path ends with."""
+        n = len(self.messages)
+        self.messages.extend({"role": m["role"], "content": m["content"]} for m in messages)
+        try:
+            merged = self._merged_feed(n)
+            if merged is None:
+                del self.messages[n:]
+                for m in messages:
+                    yield from self.add_message_passes(m["role"], m["content"], write=write)
+                return (yield from self.begin_reply_passes(max_new_tokens, write=write))
+            target, stretches = merged
+            checkpoint = dataclasses.replace(self._checkpoint(), replay=stretches)
+            yield from self._feed(target[len(self._ids):], write=write)
+        except Exception:
+            del self.messages[n:]
+            raise
+        self._ensure_capacity(self._cache_len + max_new_tokens)
+        return PendingReply(self._memory, self._cache, self._logits, self._cache_len,
+                            len(self._ids), max_new_tokens, write, checkpoint)
+
+    def _merged_feed(self, first: int) -> tuple[list[int], tuple[tuple[int, ...], ...]] | None:
+        """The rendered conversation with its generation prompt, and the messages' own
+        stretches of it, if feeding messages ``first:`` and the prompt in one stretch is
+        equivalent to feeding them one by one (see :meth:`begin_turn_passes`), else None."""
+        render = lambda k, prompt=False: self.tokenizer.render_chat(
+            self.messages[:k], add_generation_prompt=prompt).ids.tolist()
+        target = render(len(self.messages), True)
+        ends = [len(self._ids)]
+        for k in range(first + 1, len(self.messages) + 1):
+            ids = render(k)
+            if _common_prefix(ids, target) < len(ids) or len(ids) <= ends[-1]:
+                return None
+            ends.append(len(ids))
+        if _common_prefix(self._ids, target) < len(self._ids) or len(target) <= ends[-1]:
+            return None
+        ends.append(len(target))
+        steps = [b - a for a, b in zip(ends, ends[1:])]
+        limit = self.chunk if self.window is None else min(self.chunk, self.window)
+        if steps[-1] > limit or self._rebuilds_at(steps) != self._rebuilds_at([sum(steps)]):
+            return None
+        return target, tuple(tuple(target[a:b]) for a, b in zip(ends[:-2], ends[1:-1]))
+
+    def _rebuilds_at(self, feeds: Sequence[int]) -> list[tuple[int, int]]:
+        """Where :meth:`_feed` would rebuild the window — (tokens fed before, tokens kept) —
+        feeding stretches of these lengths one after another."""
+        if self.window is None:
+            return []
+        limit = min(self.chunk, self.window)
+        cached, fed, plan = self._cache_len, 0, []
+        for length in feeds:
+            for start in range(0, length, limit):
+                n = min(limit, length - start)
+                if cached + n > self.window:
+                    cached = self.window - n if self.keep is None else min(self.keep,
+                                                                           self.window - n)
+                    plan.append((fed, cached))
+                cached += n
+                fed += n
+        return plan
+
+    def begin_turn(self, messages: Sequence[dict[str, str]], max_new_tokens: int, *,
+                   write: bool = True) -> PendingReply:
+        """:meth:`begin_turn_passes` run to its end (see :meth:`begin_reply`)."""
+        return self._drive(self.begin_turn_passes(messages, max_new_tokens, write=write))
+
     def begin_reply_passes(self, max_new_tokens: int, *,
                            write: bool = True) -> Generator[Pass, PassResult, PendingReply]:
         checkpoint, prompt = yield from self._prepare_reply(max_new_tokens)
@@ -422,10 +502,14 @@ class Session:
         p = _common_prefix(self._ids, target)
         if p == len(self._ids):
             yield from self._feed(target[p:], write=write)
-        elif checkpoint is not None and p >= checkpoint.n_ids:
+        elif checkpoint is not None and p >= checkpoint.n_ids + sum(map(len, checkpoint.replay)):
             self._restore_checkpoint(checkpoint)
             self.reverts += 1
-            yield from self._feed(target[checkpoint.n_ids:], write=write)
+            counted = self.compactions
+            for stretch in checkpoint.replay:     # a merged turn's messages, as fed one by one
+                yield from self._feed(list(stretch), write=write)
+            self.compactions = counted            # those rebuilds were counted when merged
+            yield from self._feed(target[len(self._ids):], write=write)
         else:
             yield from self._rebuild(target)
 

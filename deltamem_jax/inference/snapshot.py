@@ -22,6 +22,7 @@ it moves a :class:`SessionState` between memory and disk.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -47,12 +48,18 @@ __all__ = [
     "SNAPSHOT_VERSION",
     "SessionState",
     "SnapshotError",
+    "SnapshotParts",
     "cache_layers",
     "compute_model_signature",
     "model_signature",
+    "parts_digests",
+    "read_parts",
     "read_snapshot",
+    "snapshot_parts",
     "state_digest",
     "state_digests",
+    "state_from_parts",
+    "write_parts",
     "write_snapshot",
     "write_snapshot_files",
 ]
@@ -88,6 +95,33 @@ class SessionState:
     rng: Any
     settings: dict[str, Any]
     counters: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotParts:
+    """A snapshot as it lies on disk, held in host memory: the ``session.json`` object and
+    the ``arrays.npz`` arrays (window-sized, not capacity-sized). Writing, reading back,
+    digesting and caching all go through this one form, so a session rebuilt from parts
+    kept in memory is bit for bit the session rebuilt from the files."""
+
+    meta: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays plus the token ids (what holding the parts costs, roughly)."""
+        return sum(a.nbytes for a in self.arrays.values()) + 8 * len(self.meta.get("ids", ()))
+
+    def frozen(self) -> SnapshotParts:
+        """The parts exactly as :func:`read_parts` would find them on disk — the metadata
+        through a JSON round trip (lists, not tuples), the arrays as compact read-only
+        copies — and safe to share: for keeping in memory instead of reading back."""
+        arrays = {}
+        for k, a in self.arrays.items():
+            a = np.array(a, copy=True, order="C")
+            a.setflags(write=False)
+            arrays[k] = a
+        return SnapshotParts(json.loads(json.dumps(self.meta)), arrays)
 
 
 def cache_layers(arrays) -> list:
@@ -170,10 +204,8 @@ def _arrays(state: SessionState) -> tuple[dict[str, np.ndarray], str]:
     return arrays, (str(keys[0].dtype) if keys else "float32")
 
 
-def write_snapshot_files(directory: str | os.PathLike, state: SessionState,
-                         runner: Runner) -> None:
-    """Write the snapshot files of ``state`` into the existing ``directory`` (not atomic:
-    for callers that build a directory inside :func:`atomic_directory` themselves)."""
+def snapshot_parts(state: SessionState, runner: Runner) -> SnapshotParts:
+    """The files of ``state``'s snapshot, in memory (device arrays are read once)."""
     arrays, cache_dtype = _arrays(state)
     meta = {
         "format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION,
@@ -183,10 +215,22 @@ def write_snapshot_files(directory: str | os.PathLike, state: SessionState,
         "settings": state.settings, "counters": state.counters,
         "model": model_signature(runner),
     }
+    return SnapshotParts(meta, arrays)
+
+
+def write_parts(directory: str | os.PathLike, parts: SnapshotParts) -> None:
+    """Write ``parts`` as the snapshot files into the existing ``directory`` (not atomic:
+    for callers that build a directory inside :func:`atomic_directory` themselves)."""
     directory = os.fspath(directory)
-    np.savez(os.path.join(directory, ARRAYS_FILE), **arrays)
+    np.savez(os.path.join(directory, ARRAYS_FILE), **parts.arrays)
     with open(os.path.join(directory, META_FILE), "w") as f:
-        json.dump(meta, f)
+        json.dump(parts.meta, f)
+
+
+def write_snapshot_files(directory: str | os.PathLike, state: SessionState,
+                         runner: Runner) -> None:
+    """Write the snapshot files of ``state`` into the existing ``directory`` (not atomic)."""
+    write_parts(directory, snapshot_parts(state, runner))
 
 
 def write_snapshot(path: str | os.PathLike, state: SessionState, runner: Runner, *,
@@ -249,6 +293,13 @@ def _array(arrays: dict, name: str, shape: tuple, where: str) -> np.ndarray:
     return a
 
 
+def read_parts(path: str | os.PathLike) -> SnapshotParts:
+    """The files of snapshot ``path`` as :class:`SnapshotParts` (format checked, nothing
+    else: :func:`state_from_parts` validates them against a model)."""
+    meta = read_meta(path)
+    return SnapshotParts(meta, _load_arrays(os.path.join(os.fspath(path), ARRAYS_FILE)))
+
+
 def read_snapshot(path: str | os.PathLike, runner: Runner, *,
                   check_model: bool = True) -> SessionState:
     """The :class:`SessionState` saved at ``path``, its arrays placed like fresh ones.
@@ -256,8 +307,16 @@ def read_snapshot(path: str | os.PathLike, runner: Runner, *,
     ``check_model``: refuse a snapshot taken with a different architecture, δ-mem
     config or δ-mem weights (its state would be meaningless for this model).
     """
+    return state_from_parts(read_parts(path), runner, path, check_model=check_model)
+
+
+def state_from_parts(parts: SnapshotParts, runner: Runner, path: str | os.PathLike, *,
+                     check_model: bool = True) -> SessionState:
+    """The :class:`SessionState` of ``parts`` (the snapshot at ``path``, which error messages
+    name), validated against ``runner``'s model; its arrays are fresh device arrays (the
+    parts are only read)."""
     path = os.fspath(path)
-    meta = read_meta(path)
+    meta, arrays = parts.meta, parts.arrays
     meta_file, arrays_file = os.path.join(path, META_FILE), os.path.join(path, ARRAYS_FILE)
     if check_model:
         want, got = model_signature(runner), _field(meta, "model", dict, meta_file)
@@ -286,7 +345,6 @@ def read_snapshot(path: str | os.PathLike, runner: Runner, *,
         raise SnapshotError(f"{meta_file}: inconsistent cache window (cache_len {n}, "
                             f"cache_start {start}, {len(ids)} ids, capacity {capacity})")
 
-    arrays = _load_arrays(arrays_file)
     cfg = runner.config
     init = jax.eval_shape(lambda: runner.init_cache(1, capacity))   # layout and dtype only
     stacked = not isinstance(init.keys, (tuple, list))
@@ -336,7 +394,7 @@ def read_snapshot(path: str | os.PathLike, runner: Runner, *,
         ids=[int(i) for i in ids], memory=memory, cache=cache, cache_len=n, cache_start=start,
         logits=logits, beta_means=beta_means,
         rng=jax.random.wrap_key_data(jnp.asarray(rng_data)),
-        settings=dict(settings), counters={k: int(v) for k, v in counters.items()})
+        settings=copy.deepcopy(settings), counters={k: int(v) for k, v in counters.items()})
 
 
 def state_digests(state: SessionState) -> tuple[str, str]:
@@ -344,18 +402,32 @@ def state_digests(state: SessionState) -> tuple[str, str]:
     future — token ids, messages, δ-mem state, the cached window (keys, values, mask,
     position), next-token logits — without (content) and with (state) the sampling key.
     Two sessions with the same state digest continue identically, bit for bit."""
-    h = hashlib.sha256()
     arrays, _ = _arrays(state)
-    rng = arrays.pop("rng")
-    h.update(json.dumps([state.ids, state.messages, state.cache_len, state.cache_start,
-                         int(state.cache.positions[0])]).encode())
+    return _digests(state.ids, state.messages, state.cache_len, state.cache_start,
+                    int(state.cache.positions[0]), arrays)
+
+
+def parts_digests(parts: SnapshotParts) -> tuple[str, str]:
+    """:func:`state_digests` of the state ``parts`` hold (the same two digests)."""
+    m = parts.meta
+    return _digests(m["ids"], m["messages"], m["cache_len"], m["cache_start"],
+                    m["cache_positions"], parts.arrays)
+
+
+def _digests(ids, messages, cache_len, cache_start, positions,
+             arrays: dict[str, np.ndarray]) -> tuple[str, str]:
+    h = hashlib.sha256()
+    h.update(json.dumps([ids, messages, cache_len, cache_start, positions]).encode())
     for name in sorted(arrays):
+        if name == "rng":
+            continue
         a = np.ascontiguousarray(arrays[name])
         h.update(name.encode())
         h.update(str(a.dtype).encode() + str(a.shape).encode())
         h.update(a.tobytes())
     content = h.hexdigest()
-    full = hashlib.sha256(content.encode() + np.ascontiguousarray(rng).tobytes()).hexdigest()
+    rng = np.ascontiguousarray(arrays["rng"])
+    full = hashlib.sha256(content.encode() + rng.tobytes()).hexdigest()
     return full, content
 
 

@@ -14,7 +14,12 @@ whose first commit did not reach ``CURRENT`` does not exist. Leftovers of an
 interrupted commit (temporary directories, versions ``CURRENT`` does not name,
 deleted sessions' tombstones) are removed by :meth:`SessionStore.recover`.
 
-Idle sessions live here only: nothing of them stays on the device.
+Idle sessions live here only: nothing of them stays on the device. With a
+:class:`~deltamem_jax.inference.host_cache.HostCache`, the committed versions of
+recently used sessions are also kept in host memory, so that their next load
+skips reading the files back; an entry is used only for the version ``CURRENT``
+names, and only once that version is on disk (a commit fills the cache after
+replacing ``CURRENT``), so what is acknowledged is still what is on disk.
 """
 
 from __future__ import annotations
@@ -31,13 +36,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from deltamem_jax.inference.host_cache import HostCache
 from deltamem_jax.inference.session import Session
 from deltamem_jax.inference.snapshot import (
     SessionState,
     SnapshotError,
+    parts_digests,
+    read_parts,
     read_snapshot,
-    state_digests,
-    write_snapshot_files,
+    snapshot_parts,
+    state_from_parts,
+    write_parts,
 )
 from deltamem_jax.models.functional import Runner
 from deltamem_jax.utils.atomic import atomic_directory, atomic_write_text, fsync_dir
@@ -51,7 +60,9 @@ _NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 #: Testing hook (fault injection): ``DELTAMEM_STORE_CRASH_AT="POINT:SESSION:VERSION,..."``
 #: SIGKILLs the process at POINT of the commit of VERSION of SESSION (points:
 #: "in-version" — the snapshot files written, the info file not; "before-pointer" —
-#: the version directory in place, CURRENT not updated; "after-pointer").
+#: the version directory in place, CURRENT not updated; "after-pointer"). Each rule fires
+#: once per store directory (a marker file ``.crashed-POINT-SESSION-VERSION`` in its root
+#: remembers it), so a restarted server with the same environment goes on serving.
 CRASH_ENV = "DELTAMEM_STORE_CRASH_AT"
 CRASH_POINTS = ("in-version", "before-pointer", "after-pointer")
 
@@ -90,15 +101,18 @@ class SessionStore:
       root: the directory (created).
       runner, tokenizer: the model sessions are loaded onto.
       fsync: make commits durable across power loss, not only process death.
+      cache: keep recently committed sessions in host memory (None: read every load
+        from disk).
     """
 
     def __init__(self, root: str | os.PathLike, runner: Runner, tokenizer, *,
-                 fsync: bool = True):
+                 fsync: bool = True, cache: HostCache | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.runner = runner
         self.tokenizer = tokenizer
         self.fsync = fsync
+        self.cache = cache if cache is not None else HostCache(0, 0)
         self._locks: dict[tuple[str, str], list] = {}     # key → [lock, users]
         self._locks_guard = threading.Lock()
         self._crash = _crash_rules(os.environ.get(CRASH_ENV, ""))
@@ -143,6 +157,10 @@ class SessionStore:
 
     def _fault(self, point: str, sid: str, version: int) -> None:
         if (point, sid, version) in self._crash:
+            marker = self.root / f".crashed-{point}-{sid}-{version}"
+            if marker.exists():
+                return
+            marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
 
     # ------------------------------------------------------------------ queries
@@ -171,11 +189,10 @@ class SessionStore:
             v = self._current(d)
             if v is None:
                 return None
-            path = d / f"v{v:08d}" / INFO_FILE
-            try:
-                return json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise SnapshotError(f"{path}: unreadable session info ({e})") from e
+            hit = self.cache.get((namespace, sid), v)
+            if hit is not None:
+                return hit[1]
+            return _read_info(d / f"v{v:08d}" / INFO_FILE)
 
     def load(self, namespace: str, sid: str,
              make: Callable[[SessionState], Session] | None = None) -> StoredSession | None:
@@ -187,11 +204,15 @@ class SessionStore:
             if v is None:
                 return None
             path = d / f"v{v:08d}"
-            state = read_snapshot(path, self.runner)
-            try:
-                info = json.loads((path / INFO_FILE).read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise SnapshotError(f"{path / INFO_FILE}: unreadable session info ({e})") from e
+            hit = self.cache.get((namespace, sid), v)
+            if hit is not None:
+                parts, info = hit
+            else:
+                parts = read_parts(path)
+                info = _read_info(path / INFO_FILE)
+            state = state_from_parts(parts, self.runner, path)    # validates parts either way
+            if hit is None:
+                self.cache.put((namespace, sid), v, parts, info)
         session = (make or (lambda s: Session.from_state(s, self.runner, self.tokenizer)))(state)
         return StoredSession(session, info, v)
 
@@ -199,12 +220,7 @@ class SessionStore:
         """A snapshot directory's state and info (``{}`` when it has no info file)."""
         path = Path(path)
         state = read_snapshot(path, self.runner)
-        info: dict[str, Any] = {}
-        if (path / INFO_FILE).is_file():
-            try:
-                info = json.loads((path / INFO_FILE).read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise SnapshotError(f"{path / INFO_FILE}: unreadable session info ({e})") from e
+        info = _read_info(path / INFO_FILE) if (path / INFO_FILE).is_file() else {}
         return state, info
 
     # ------------------------------------------------------------------ changes
@@ -221,11 +237,12 @@ class SessionStore:
                 fsync_dir(d.parent)
                 fsync_dir(d.parent.parent)
             v = (self._current(d) or 0) + 1
-            full, content = state_digests(state)
+            parts = snapshot_parts(state, self.runner)        # device arrays read once
+            full, content = parts_digests(parts)
             info = dict(info, version=v, state_sha256=full, content_sha256=content)
             name = f"v{v:08d}"
             with atomic_directory(d / name, fsync=self.fsync) as tmp:
-                write_snapshot_files(tmp, state, self.runner)
+                write_parts(tmp, parts)
                 self._fault("in-version", sid, v)
                 with open(os.path.join(tmp, INFO_FILE), "w") as f:
                     json.dump(info, f, indent=1)
@@ -235,12 +252,14 @@ class SessionStore:
             for old in d.iterdir():
                 if old.name != name and old.name != POINTER_FILE:
                     _remove(old)
+            self.cache.put((namespace, sid), v, parts, info)    # on disk: now it may be kept
             return info
 
     def delete(self, namespace: str, sid: str) -> bool:
         """Remove a session (atomically: renamed away first); False if there was none."""
         d = self._dir(namespace, sid)
         with self.lock(namespace, sid):
+            self.cache.drop((namespace, sid))
             if self._current(d) is None:
                 return False
             tomb = d.parent / f".deleted-{sid}-{uuid.uuid4().hex[:8]}"
@@ -252,6 +271,7 @@ class SessionStore:
 
     def recover(self) -> dict[str, int]:
         """Remove what interrupted commits and deletes left behind; returns counts."""
+        self.cache.clear()
         removed = {"temporary": 0, "stale_versions": 0, "uncommitted_sessions": 0}
         for ns in (p for p in self.root.iterdir() if p.is_dir()):
             for d in list(ns.iterdir()):
@@ -275,6 +295,13 @@ class SessionStore:
                     _remove(item)
                     removed["temporary" if item.name.startswith(".") else "stale_versions"] += 1
         return removed
+
+
+def _read_info(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SnapshotError(f"{path}: unreadable session info ({e})") from e
 
 
 def _remove(path: Path) -> None:

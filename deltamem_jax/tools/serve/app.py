@@ -167,6 +167,9 @@ def create_app(service: Service) -> FastAPI:
     async def health():
         return {"status": "ok", "live_turns": service.scheduler.live,
                 "busy_sessions": service.busy_sessions,
+                "session_cache": service.store.cache.stats(),
+                "scheduler": dict(service.scheduler.stats, slots=service.config.slots,
+                                  prefill_rows=service.scheduler.prefill_rows),
                 "uptime_s": round(time.time() - service.started, 1)}
 
     def model_card() -> dict[str, Any]:

@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a non-loopback --host without API keys")
     p.add_argument("--slots", type=int, default=8, help="sessions decoded in one batch")
     p.add_argument("--prefill-rows", type=int,
-                   help="sessions prefilled in one batched call (default: 1 on CPU, where a "
-                        "pass is compute-bound, min(slots, 8) on accelerators)")
+                   help="sessions prefilled in one batched call; every call is padded to this "
+                        "many rows (default: min(slots, 4) on CPU, min(slots, 8) on "
+                        "accelerators)")
     p.add_argument("--window", type=int, default=1024, help="KV-cache window per session")
     p.add_argument("--keep", type=int, help="tokens a full window keeps when it is rebuilt "
                                             "(default: half the window)")
@@ -61,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=4 << 20)
     p.add_argument("--max-queue", type=int, default=256,
                    help="turns in flight before requests get a 429")
+    p.add_argument("--session-cache", type=int, default=256, metavar="N",
+                   help="keep the committed state of up to N recently used sessions in host "
+                        "memory, so their next turn skips reading it back (0: off)")
+    p.add_argument("--session-cache-mb", type=float, default=1024, metavar="MB",
+                   help="... holding at most this many MiB")
     p.add_argument("--no-fsync", action="store_true",
                    help="skip fsync on commits (survives a killed process, not a power cut)")
     p.add_argument("--no-warmup", action="store_true", help="do not compile before listening")
@@ -143,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_name=args.model_name or Path(os.path.abspath(args.model)).name,
             window=args.window, keep=args.keep, chunk=args.chunk, max_tokens=args.max_tokens,
             max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes,
-            max_queue=args.max_queue, fsync=not args.no_fsync)
+            max_queue=args.max_queue, fsync=not args.no_fsync,
+            cache_sessions=args.session_cache, cache_bytes=int(args.session_cache_mb * 2**20))
     except ValueError as e:
         parser.error(str(e))
     t0 = time.perf_counter()

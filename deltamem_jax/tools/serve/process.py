@@ -125,6 +125,22 @@ class ServerProcess:
             pass
         return None
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system) the server has used so far (Linux)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, AttributeError, IndexError, ValueError):
+            return None
+
+    def health(self) -> dict:
+        """``GET /health`` (no key needed): scheduler counters, session-cache use."""
+        status, body = self.request("GET", "/health", key="")
+        if status != 200:
+            raise RuntimeError(f"/health answered {status}: {body}")
+        return body
+
     # ------------------------------------------------------------------ requests
     @property
     def base_url(self) -> str:

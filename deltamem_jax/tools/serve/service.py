@@ -28,6 +28,7 @@ import jax
 from starlette.concurrency import run_in_threadpool
 
 from deltamem_jax.inference.generation import SamplingConfig
+from deltamem_jax.inference.host_cache import HostCache
 from deltamem_jax.inference.scheduler import (
     Scheduler,
     Turn,
@@ -62,8 +63,8 @@ class ServeConfig:
     model_name: str
     api_keys: tuple[str, ...] = ()
     slots: int = 8
-    prefill_rows: int | None = None  # sessions per batched prefill call (None: 1 on CPU,
-                                     # up to 8 on accelerators)
+    prefill_rows: int | None = None  # sessions per batched prefill call (None: up to 4 on
+                                     # CPU, up to 8 on accelerators)
     window: int = 1024
     keep: int | None = None          # tokens a window rebuild keeps (None: window // 2)
     chunk: int = 256
@@ -72,6 +73,8 @@ class ServeConfig:
     max_body_bytes: int = 4 << 20
     max_queue: int = 256             # turns waiting for a slot before requests get a 429
     fsync: bool = True
+    cache_sessions: int = 256        # recently used sessions kept in host memory (0: none)
+    cache_bytes: int = 1 << 30       # ... holding at most this many bytes
 
     def __post_init__(self):
         for name in ("slots", "window", "chunk", "max_tokens", "max_prompt_tokens",
@@ -80,6 +83,9 @@ class ServeConfig:
                 continue
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        for name in ("cache_sessions", "cache_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
         if self.chunk & (self.chunk - 1):
             raise ValueError(f"chunk must be a power of two, got {self.chunk}")
         if self.keep is not None and not 0 <= self.keep < self.window:
@@ -145,12 +151,13 @@ class Service:
         self.capacity = Session.required_capacity(config.window, config.max_tokens,
                                                   config.chunk)
         self.store = SessionStore(Path(config.state_dir) / "sessions", runner, tokenizer,
-                                  fsync=config.fsync)
+                                  fsync=config.fsync,
+                                  cache=HostCache(config.cache_sessions, config.cache_bytes))
         self.snapshots = Path(config.state_dir) / "snapshots"
         self.recovered = self.store.recover()
         rows = config.prefill_rows
         if rows is None:
-            rows = 1 if jax.default_backend() == "cpu" else min(config.slots, 8)
+            rows = min(config.slots, 4 if jax.default_backend() == "cpu" else 8)
         self.scheduler = Scheduler(runner, tokenizer, slots=config.slots, capacity=self.capacity,
                                    prefill_rows=rows).start()
         self._namespaces = {hashlib.sha256(k.encode()).hexdigest()[:32]: k
@@ -286,7 +293,7 @@ class Service:
 
     def _info(self, sid: str, session: Session, *, created: float, turns: int,
               updated: float) -> dict[str, Any]:
-        st = session.stats()
+        st = session.counts()             # not stats(): no device work on the event loop
         return {"id": sid, "created": created, "updated": updated, "turns": turns,
                 "messages": st["messages"], "tokens_seen": st["tokens_seen"],
                 "tokens_written": st["tokens_written"], "window_tokens": st["cache_tokens"],
