@@ -30,19 +30,47 @@ def test_demo_quick_end_to_end(demo_run):
     workdir, results = demo_run
     with open(os.path.join(workdir, "results.json")) as f:
         saved = json.load(f)
-    for key in ("no_memory", "delta_mem", "full_context", "chance"):
+    settings = ("no_memory", "full_context", "delta_mem", "delta_mem_full_context")
+    for key in settings + ("chance",):
         assert 0.0 <= saved[key] <= 1.0, key
+        # the top-level number of a setting is its primary metric, answer recall
+        assert saved[key] == saved["metrics"][key]["answer_recall"], key
+        assert set(saved["metrics"][key]) >= {"answer_recall", "exact_match", "token_f1"}
+        assert saved["metrics"][key]["exact_match"] <= saved["metrics"][key]["answer_recall"]
+    assert saved["primary_metric"] == "answer_recall"
+    assert saved["backbone"].startswith("tiny byte-level")
     assert saved["memory_params"] > 0 and saved["backbone_params"] > saved["memory_params"]
-    assert saved["n_test"] == demo.DemoConfig.quick().n_test
+    assert saved["n"] == demo.DemoConfig.quick().n_test
+    assert set(saved["stage_seconds"]) == {"data", "backbone", "train", "evaluate"}
+    assert set(saved["goals"]) == {"delta_mem >= 0.80 * full_context", "delta_mem >= 0.50",
+                                   "no_memory <= chance + 0.05"}
+    ex = saved["examples"][0]
+    assert set(ex["predictions"]) == set(settings) and ex["reference"]
     for name in ("demo_table.md", "demo_table.json", "demo_table.png",
                  "backbone/config.json", "memory/adapter/delta_mem_config.json"):
         assert os.path.isfile(os.path.join(workdir, name)), name
     table = demo.format_table(results)
     assert "δ-mem (history only in memory)" in table and f"{saved['memory_params']:,}" in table
+    assert "answer recall" in table and "authors' protocol" in table
     for split in ("train", "validation", "test"):       # chat-format jsonl, usable by train.py
         with open(os.path.join(workdir, "data", f"{split}.jsonl")) as f:
             rec = json.loads(f.readline())
         assert rec["messages"][-1]["role"] == "assistant"
+
+
+def test_demo_training_config_is_valid_for_train_py(tmp_path):
+    """The config the demo hands to train.py's loop passes its validation as is."""
+    from deltamem_jax.training import settings
+    cfg = demo.DemoConfig()
+    backbone = tmp_path / "backbone"
+    backbone.mkdir()
+    (backbone / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1}))
+    c = demo.demo_training_config(cfg, str(backbone), str(tmp_path))
+    s = settings.resolve(c, need_data=False)
+    assert s.memory.rank == 8 and c.memory.rank == 8 and tuple(c.memory.delta_heads) == ("q", "o")
+    assert c.train.steps == cfg.memory_steps and c.data.p_state_only == 0.0
 
 
 def test_demo_rejects_incomplete_data_dir(tmp_path):

@@ -24,6 +24,28 @@ def test_exact_match():
     assert S.exact_match(2022, "2022") == 1.0
 
 
+def test_answer_recall_hand_cases():
+    # the gold value inside a sentence reply counts; case, punctuation and articles ignored
+    assert S.answer_recall("Your locker code is 4821.", "4821") == 1.0
+    assert S.answer_recall("The red lamp is in Bin C-14!", "bin C14") == 1.0
+    assert S.answer_recall("It is in the blue crate.", "a blue crate") == 1.0
+    # whole words only: "14" is not recalled by "140" or "3145"
+    assert S.answer_recall("Bin 140.", "14") == 0.0
+    assert S.answer_recall("3145", "14") == 0.0
+    # a multi-word gold must appear contiguously and in order
+    assert S.answer_recall("Milo is a cat named Luna", "Luna Milo") == 0.0
+    assert S.answer_recall("Her name is Nora Lee, I think", "nora lee") == 1.0
+    # a wrong value, and an empty reply, do not count
+    assert S.answer_recall("Your locker code is 4812.", "4821") == 0.0
+    assert S.answer_recall("", "4821") == 0.0
+    # an empty gold (after normalisation) only matches an empty prediction
+    assert S.answer_recall("", "The.") == 1.0
+    assert S.answer_recall("anything", "") == 0.0
+    # recall ≥ exact match: equal normalised strings always count
+    for p, g in [("Eiffel Tower", "the eiffel tower."), ("4821", "4821")]:
+        assert S.exact_match(p, g) == S.answer_recall(p, g) == 1.0
+
+
 def test_token_f1_hand_cases():
     # pred {cat, sat}, gold {cat, sat, down}: P=1, R=2/3 -> F1 = 0.8
     assert S.token_f1("the cat sat", "cat sat down") == pytest.approx(0.8)

@@ -2,7 +2,8 @@
 
 Two families:
 
-* SQuAD-style: :func:`normalize_answer`, :func:`exact_match`, :func:`token_f1`.
+* SQuAD-style: :func:`normalize_answer`, :func:`exact_match`, :func:`token_f1`, and
+  :func:`answer_recall` (the gold answer contained in the reply, MemoryAgentBench-style).
 * LoCoMo-style, as used by the LoCoMo paper and the δ-mem authors:
   :func:`normalize_locomo_answer` (also drops commas and the word "and", NFD),
   Porter-stemmed token F1 (:func:`locomo_f1`), the category-1 multi-answer F1
@@ -29,6 +30,7 @@ __all__ = [
     "LOCOMO_SCORED_CATEGORIES",
     "normalize_answer",
     "exact_match",
+    "answer_recall",
     "token_f1",
     "f1_from_tokens",
     "normalize_locomo_answer",
@@ -83,6 +85,20 @@ def normalize_answer(text: object) -> str:
 def exact_match(prediction: object, gold: object) -> float:
     """1.0 if the normalised strings are equal, else 0.0."""
     return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def answer_recall(prediction: object, gold: object) -> float:
+    """1.0 if the normalised gold answer occurs in the normalised prediction, else 0.0.
+
+    MemoryAgentBench's substring convention (a model that answers "Your locker code
+    is 4821." recalled "4821"), matched on whole words: after normalisation both
+    sides are padded with a space, so gold "14" is not found in "140" or "3145". An
+    empty gold answer counts only against an empty prediction.
+    """
+    g, p = normalize_answer(gold), normalize_answer(prediction)
+    if not g:
+        return float(not p)
+    return float(f" {g} " in f" {p} ")
 
 
 def f1_from_tokens(pred_tokens: Sequence[str], gold_tokens: Sequence[str]) -> float:

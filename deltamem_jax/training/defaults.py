@@ -37,3 +37,26 @@ def demo_config() -> ml_collections.ConfigDict:
     c.checkpoint.every = 200
     c.logging.tensorboard = True
     return c
+
+
+def smollm2_demo_config() -> ml_collections.ConfigDict:
+    """The real-backbone demo's δ-mem stage: frozen SmolLM2-135M-Instruct on 2 CPU cores.
+
+    Chosen on the ``personal`` chat set's validation split (docs/demo.md); the demo
+    sets model.hf_dir and data.train.
+    """
+    c = base_config()
+    c.data.max_length = 64
+    c.data.max_write_length = 512
+    c.data.num_buckets = 3
+    c.data.p_state_only = 0.0
+    c.memory.output_init = "base_slice_fixed"
+    c.optim.learning_rate = 3e-3
+    c.optim.warmup_ratio = 0.05
+    c.train.steps = 150
+    c.train.batch_size = 8
+    c.train.sparsity_weight = 0.0
+    c.train.log_every = 10
+    c.checkpoint.every = 150
+    c.checkpoint.keep = 1
+    return c

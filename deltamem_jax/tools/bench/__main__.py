@@ -24,6 +24,8 @@ SUBCOMMANDS = {
               "one GPU/TPU in ≤ 5 min: scan methods, model write/decode per attention, auto"),
     "prefill": ("deltamem_jax.tools.bench.prefill",
                 "whole-model write pass against the authors' release (same model, same CPU)"),
+    "train": ("deltamem_jax.tools.bench.train_step",
+              "δ-mem train step on a checkpoint: compute levers timed side by side"),
 }
 
 

@@ -3,6 +3,10 @@ latency as the conversation grows (history in the KV cache vs history in memory)
 
 ``python -m deltamem_jax.tools.bench throughput`` prints markdown tables and writes a
 plot. Everything is jit-compiled and warmed up; times are medians of repeats.
+``--model DIR`` (a model directory or ``.gguf`` file, repeatable) benchmarks real
+checkpoints instead of the random shapes: the backbone as loaded, and the same weights
+with δ-mem (rank 8, q,o; ``--adapter DIR`` for trained parameters, else random ones
+with non-zero gates so that every write does work).
 """
 
 from __future__ import annotations
@@ -39,10 +43,22 @@ MODELS = {
 }
 
 
-def build(name: str, memory: bool, seed: int = 0) -> DecoderLM:
-    """A random model; with ``memory`` the same backbone weights plus active δ-mem."""
-    config = DecoderConfig(model_type="llama", max_position_embeddings=65536, **MODELS[name])
-    model = DecoderLM(config, rngs=nnx.Rngs(seed))
+def build(name: str, memory: bool, seed: int = 0, adapter: str | None = None) -> DecoderLM:
+    """A random model (``name`` in :data:`MODELS`) or a checkpoint (``name`` a model directory
+    or ``.gguf`` file); with ``memory`` the same backbone weights plus active δ-mem."""
+    if name not in MODELS:
+        from deltamem_jax.checkpoints.adapters import load_adapter
+        from deltamem_jax.checkpoints.hf import load_hf_model
+        model = load_hf_model(name)
+        if memory and adapter:
+            load_adapter(model, adapter)
+            return model
+        if not memory:
+            return model
+    else:
+        config = DecoderConfig(model_type="llama", max_position_embeddings=65536,
+                               **MODELS[name])
+        model = DecoderLM(config, rngs=nnx.Rngs(seed))
     if memory:
         model.attach_memory(DeltaMemConfig(output_init="random"), rngs=nnx.Rngs(seed + 1))
         for i in model.memory_layers:       # non-zero gates, so every write does work
@@ -90,33 +106,42 @@ def decode_time(model: DecoderLM, history: int, memory: bool, tokens: int,
     return time_call(fn, args, repeats)["ms"] / (tokens + 1)
 
 
+def model_label(name: str) -> str:
+    """A table label: the preset name, or a checkpoint's file / directory name."""
+    import os
+    return name if name in MODELS else os.path.basename(os.path.normpath(name))
+
+
 def run_throughput(models: Sequence[str], prefill_T: Sequence[int], histories: Sequence[int],
-                   window: int, decode_tokens: int, repeats: int, log=print) -> dict:
+                   window: int, decode_tokens: int, repeats: int, log=print,
+                   adapter: str | None = None) -> dict:
     out = {"prefill": [], "decode": [], "history": []}
     for name in models:
-        base, mem = build(name, False), build(name, True)
+        base, mem = build(name, False), build(name, True, adapter=adapter)
+        label = model_label(name)
         # backbone and backbone + δ-mem timed alternately (time_pair): ratios, not two runs
         for T in prefill_T:
             t = time_pair(*prefill_call(base, T, False), *prefill_call(mem, T, True), repeats)
-            out["prefill"].append({"model": name, "T": T, "base_tok_s": T / t["a_ms"] * 1e3,
+            out["prefill"].append({"model": label, "T": T, "base_tok_s": T / t["a_ms"] * 1e3,
                                    "mem_tok_s": T / t["b_ms"] * 1e3, "overhead": t["ratio"]})
-            log(f"prefill {name} T={T}: {out['prefill'][-1]}")
+            log(f"prefill {label} T={T}: {out['prefill'][-1]}")
         t = time_pair(*decode_call(base, window, False, decode_tokens),
                       *decode_call(mem, window, True, decode_tokens), repeats)
         per = decode_tokens + 1
-        out["decode"].append({"model": name, "context": window,
+        out["decode"].append({"model": label, "context": window,
                               "base_tok_s": 1e3 * per / t["a_ms"],
                               "mem_tok_s": 1e3 * per / t["b_ms"], "overhead": t["ratio"]})
-        log(f"decode {name}: {out['decode'][-1]}")
+        log(f"decode {label}: {out['decode'][-1]}")
     name = models[-1]
-    base, mem = build(name, False), build(name, True)
+    if len(models) > 1:     # the last model's pair is still loaded when there is only one
+        base, mem = build(name, False), build(name, True, adapter=adapter)
     for h in histories:
         # Full context: all h history tokens sit in the KV cache. δ-mem: the history lives
         # in the r×r states (the same size whatever h is) and the cache keeps `window`
         # tokens; timed afresh for every h so that flatness is measured, not assumed.
         full = decode_time(base, h, False, decode_tokens, repeats)
         flat = decode_time(mem, window, True, decode_tokens, repeats)
-        out["history"].append({"model": name, "history": h, "full_context_ms": full,
+        out["history"].append({"model": model_label(name), "history": h, "full_context_ms": full,
                                "memory_ms": flat})
         log(f"history {h}: full {full:.2f} ms/token, δ-mem window {window}: {flat:.2f}")
     return out
@@ -164,6 +189,11 @@ def plot(res: dict, path: str) -> None:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=sorted(MODELS))
+    p.add_argument("--model", action="append", default=[], metavar="DIR",
+                   help="a model directory or .gguf file to benchmark instead of --models "
+                        "(repeatable)")
+    p.add_argument("--adapter", default=None,
+                   help="a δ-mem adapter for the --model checkpoint (default: random δ-mem)")
     p.add_argument("--prefill", type=int, nargs="+", default=[512, 2048, 8192])
     p.add_argument("--histories", type=int, nargs="+",
                    default=[1024, 2048, 4096, 8192, 16384, 32768])
@@ -178,8 +208,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def cmd(args: argparse.Namespace) -> int:
     machine = machine_info()
     print(machine_line(machine), flush=True)
-    res = run_throughput(args.models, args.prefill, args.histories, args.window,
-                         args.decode_tokens, args.repeats, log=lambda s: print(s, flush=True))
+    models = args.model or args.models
+    res = run_throughput(models, args.prefill, args.histories, args.window,
+                         args.decode_tokens, args.repeats, log=lambda s: print(s, flush=True),
+                         adapter=args.adapter)
     emit_outputs(format_markdown(res, machine), {"machine": machine, **res}, args)
     if args.plot and res["history"]:
         plot(res, args.plot)
