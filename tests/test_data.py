@@ -34,7 +34,6 @@ from deltamem_jax.data import (
     split_sentences,
     write_synthetic_dataset,
 )
-
 from deltamem_jax.data.synthetic import ANSWER_SENTENCES, FACT_KINDS  # noqa: E402
 
 BT = ByteTokenizer()

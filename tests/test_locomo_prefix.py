@@ -15,11 +15,11 @@ from deltamem_jax.data.tokenizer import load_tokenizer
 from deltamem_jax.evaluation import locomo as L
 from deltamem_jax.evaluation import locomo_authors as A
 from deltamem_jax.evaluation.decoding import Decoding
+from deltamem_jax.evaluation.defaults import eval_config
 from deltamem_jax.evaluation.generate import Prompt, answer_prompts
 from deltamem_jax.evaluation.loading import load_eval_model
 from deltamem_jax.evaluation.locomo_task import LocomoTask
 from deltamem_jax.evaluation.run import RULES, eval_mesh
-from deltamem_jax.evaluation.defaults import eval_config
 from deltamem_jax.evaluation.settings import resolve
 
 from helpers import random_model, save_pretrained

@@ -6,7 +6,6 @@ import pytest
 
 from deltamem_jax.evaluation import scoring as S
 
-
 # ---------------------------------------------------------------- SQuAD-style
 
 def test_normalize_answer():

@@ -4,7 +4,13 @@ numpy only (plus ``datasets``/``transformers`` for loading); it never imports
 the model, memory or training code.
 """
 
-from deltamem_jax.data.collate import BATCH_KEYS, VIEW_CODES, bucket_length, collate, geometric_buckets
+from deltamem_jax.data.collate import (
+    BATCH_KEYS,
+    VIEW_CODES,
+    bucket_length,
+    collate,
+    geometric_buckets,
+)
 from deltamem_jax.data.episodes import (
     IGNORE_INDEX,
     VIEWS,

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -90,7 +91,7 @@ class Episode:
     def has_write(self) -> bool:
         return self.write_ids.shape[0] > 0
 
-    def without_write(self) -> "Episode":
+    def without_write(self) -> Episode:
         """The same read segment with nothing written (the ``no_memory`` view)."""
         empty = np.zeros((0,), np.int32)
         return Episode(empty, empty, empty, self.read_ids, self.labels, self.reply_truncated)

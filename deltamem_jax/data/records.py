@@ -19,7 +19,8 @@ import collections
 import json
 import logging
 import os
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 from deltamem_jax.utils.files import FileFormatError, file_errors
 
@@ -40,7 +41,7 @@ def _raw_messages(record: dict) -> Any:
     return messages
 
 
-def record_problem(record: Any) -> Optional[str]:
+def record_problem(record: Any) -> str | None:
     """Why ``record`` is unusable (a short reason), or None if it is fine."""
     if not isinstance(record, dict):
         return "not_a_mapping"

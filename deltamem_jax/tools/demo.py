@@ -54,7 +54,9 @@ class DemoConfig:
     # δ-mem and its training (history only in memory)
     rank: int = 8
     delta_heads: tuple[str, ...] = ("q", "o")
-    target_layers: tuple[int, ...] = ()
+    # None: the top third of the backbone's layers (no backward pass below them: ~2x
+    # faster steps than every layer on SmolLM2, at the same recall); () = every layer
+    target_layers: tuple[int, ...] | None = None
     output_init: str = "base_slice_fixed"
     memory_steps: int = 150
     batch_size: int = 8
@@ -80,7 +82,8 @@ class DemoConfig:
     def quick(cls) -> DemoConfig:
         return cls(backbone=TINY, n_train=64, n_test=8, facts=(1, 2), sessions=(1, 1),
                    filler_turns=(0, 1), hidden_size=32, backbone_steps=4, copy_steps=2,
-                   memory_steps=2, batch_size=8, memory_lr=1e-2, output_init="zero",
+                   memory_steps=2, batch_size=8, target_layers=(), memory_lr=1e-2,
+                   output_init="zero",
                    max_write_length=256, max_length=64, num_buckets=1, eval_batch_size=8,
                    max_new_tokens=8, context_length=512)
 
@@ -151,7 +154,7 @@ def demo_training_config(cfg: DemoConfig, backbone: str, data_dir: str):
     c.data.num_buckets = cfg.num_buckets
     c.memory.rank = cfg.rank
     c.memory.delta_heads = tuple(cfg.delta_heads)
-    c.memory.target_layers = tuple(cfg.target_layers)
+    c.memory.target_layers = demo_layers(cfg, backbone)
     c.memory.output_init = cfg.output_init
     c.train.steps = cfg.memory_steps
     c.train.batch_size = cfg.batch_size
@@ -163,6 +166,16 @@ def demo_training_config(cfg: DemoConfig, backbone: str, data_dir: str):
     if cfg.backbone == TINY:
         c.data.tokenizer = "byte"
     return c
+
+
+def demo_layers(cfg: DemoConfig, backbone: str) -> tuple[int, ...]:
+    """The layers that get δ-mem: ``cfg.target_layers``, or the top third of the backbone."""
+    if cfg.target_layers is not None:
+        return tuple(cfg.target_layers)
+    import json
+    with open(os.path.join(backbone, "config.json")) as f:
+        n = int(json.load(f)["num_hidden_layers"])
+    return tuple(range(n - max(1, n // 3), n))
 
 
 def train_memory(data_dir: str, backbone: str, workdir: str, cfg: DemoConfig) -> dict:
@@ -205,8 +218,8 @@ def evaluate(data_dir: str, backbone: str, adapter: str, workdir: str, cfg: Demo
         "memory_params": counts["memory"],
         "backbone_params": counts["backbone"],
         "memory_share": counts["memory_share"],
-        "recipe": {k: getattr(cfg, k) for k in (
-            "rank", "delta_heads", "target_layers", "output_init", "memory_steps",
+        "recipe": {"target_layers": demo_layers(cfg, backbone)} | {k: getattr(cfg, k) for k in (
+            "rank", "delta_heads", "output_init", "memory_steps",
             "batch_size", "memory_lr", "max_write_length", "max_length", "param_dtype")},
         "skipped": out["skipped"],
         "examples": out["examples"][:12],
