@@ -11,10 +11,11 @@ import subprocess
 import sys
 
 import pytest
-from helpers import run_eval
 
-from deltamem_jax.tools import demo
 from deltamem_jax.evaluation.defaults import eval_config
+from deltamem_jax.tools import demo
+
+from helpers import run_eval
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

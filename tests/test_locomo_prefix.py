@@ -15,11 +15,11 @@ from deltamem_jax.data.tokenizer import load_tokenizer
 from deltamem_jax.evaluation import locomo as L
 from deltamem_jax.evaluation import locomo_authors as A
 from deltamem_jax.evaluation.decoding import Decoding
+from deltamem_jax.evaluation.defaults import eval_config
 from deltamem_jax.evaluation.generate import Prompt, answer_prompts
 from deltamem_jax.evaluation.loading import load_eval_model
 from deltamem_jax.evaluation.locomo_task import LocomoTask
 from deltamem_jax.evaluation.run import RULES, eval_mesh
-from deltamem_jax.evaluation.defaults import eval_config
 from deltamem_jax.evaluation.settings import resolve
 
 from helpers import random_model, save_pretrained
@@ -62,7 +62,8 @@ def task(tmp_path_factory):
     c.batch_size, c.mesh.data, c.progress = 4, 1, False
     c.decoding.mode, c.decoding.max_new_tokens = "greedy", 6
     c.locomo.categories = (4,)
-    c.locomo.context_window = _budget(root / "locomo.json", load_tokenizer(str(model_dir))) + RESERVE
+    c.locomo.context_window = (_budget(root / "locomo.json", load_tokenizer(str(model_dir)))
+                               + RESERVE)
     s = resolve(c)
     mesh = eval_mesh(1, s.batch_size)
     with jax.set_mesh(mesh):

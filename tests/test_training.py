@@ -15,12 +15,16 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from deltamem_jax.data.tokenizer import load_tokenizer
 from deltamem_jax.data.synthetic import SyntheticConfig, write_synthetic_dataset
-from deltamem_jax.utils.sharding import logical_rules
+from deltamem_jax.data.tokenizer import load_tokenizer
 from deltamem_jax.training import loop, settings
-from deltamem_jax.training.state import (abstract_train_state, init_params, init_train_state,
-                                         load_frozen)
+from deltamem_jax.training.state import (
+    abstract_train_state,
+    init_params,
+    init_train_state,
+    load_frozen,
+)
+from deltamem_jax.utils.sharding import logical_rules
 
 from tiny_train_config import get_config
 

@@ -19,7 +19,8 @@ import collections
 import json
 import logging
 import os
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 from deltamem_jax.utils.files import FileFormatError, file_errors
 
@@ -40,7 +41,7 @@ def _raw_messages(record: dict) -> Any:
     return messages
 
 
-def record_problem(record: Any) -> Optional[str]:
+def record_problem(record: Any) -> str | None:
     """Why ``record`` is unusable (a short reason), or None if it is fine."""
     if not isinstance(record, dict):
         return "not_a_mapping"
@@ -78,7 +79,8 @@ def warn_skipped(counts: collections.Counter, total: int, what: str) -> None:
     """Log ONE warning naming the skip counts (nothing if none were skipped)."""
     if counts:
         detail = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
-        log.warning("%s: skipped %d item(s) out of %d records: %s", what, sum(counts.values()), total, detail)
+        log.warning("%s: skipped %d item(s) out of %d records: %s", what, sum(counts.values()),
+                    total, detail)
 
 
 def clean_records(
@@ -140,7 +142,8 @@ def load_records(source: str | os.PathLike, split: str = "train") -> list[dict]:
 
             rows = list(datasets.load_dataset("parquet", data_files=src, split="train"))
         else:
-            raise ValueError(f"load_records: unsupported file type {src!r} (use .json, .jsonl or .parquet)")
+            raise ValueError(f"load_records: unsupported file type {src!r} "
+                             "(use .json, .jsonl or .parquet)")
     elif os.path.exists(src):
         raise ValueError(f"load_records: {src!r} is not a file")
     else:
@@ -149,7 +152,8 @@ def load_records(source: str | os.PathLike, split: str = "train") -> list[dict]:
         try:
             rows = list(datasets.load_dataset(src, split=split))
         except Exception as e:  # noqa: BLE001 - re-raised with context
-            raise ValueError(f"load_records: {src!r} is not a local file and could not be loaded from the hub: {e}") from e
+            raise ValueError(f"load_records: {src!r} is not a local file and could not be "
+                             f"loaded from the hub: {e}") from e
     kept, counts = clean_records(rows, warn=False)
     counts.update(pre)
     warn_skipped(counts, len(rows) + sum(pre.values()), f"load_records({src!r})")

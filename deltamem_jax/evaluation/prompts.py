@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import collections
 import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +56,7 @@ MIN_BUCKET = 16
 
 # --------------------------------------------------------------------------- shapes
 
-def bucket(n: int, cap: Optional[int] = None, minimum: int = MIN_BUCKET) -> int:
+def bucket(n: int, cap: int | None = None, minimum: int = MIN_BUCKET) -> int:
     """The padded length of a row of ``n`` tokens: the next power of two ≥ max(n, minimum),
     capped at ``cap`` (``n`` must not exceed ``cap``)."""
     if cap is not None and n > cap:
@@ -111,9 +111,10 @@ def pad_rows(rows: Sequence[np.ndarray], length: int, pad_value: int,
 
 
 def render_prompt(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]],
-                  max_length: Optional[int] = None) -> np.ndarray:
+                  max_length: int | None = None) -> np.ndarray:
     """Token ids of ``messages`` + the generation prompt, keeping the last ``max_length``."""
-    ids = np.asarray(tokenizer.render_chat(list(messages), add_generation_prompt=True).ids, np.int32)
+    ids = np.asarray(tokenizer.render_chat(list(messages), add_generation_prompt=True).ids,
+                     np.int32)
     if max_length is not None and len(ids) > max_length:
         ids = ids[len(ids) - max_length:]
     if len(ids) == 0:
@@ -124,7 +125,7 @@ def render_prompt(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]],
 # --------------------------------------------------------------------------- records
 
 def usable_examples(records, build: Callable[[int, dict], dict], what: str
-                    ) -> tuple[list[dict], "collections.Counter"]:
+                    ) -> tuple[list[dict], collections.Counter]:
     """``build(index, record)`` for every usable chat record (normalised to ``{"messages"}``:
     prompt/response records too); the rest counted per reason
     (bad record, episode that cannot be built, template not prefix-stable) with one warning."""
@@ -168,7 +169,7 @@ class WriteSegment:
         return int(self.ids.shape[0])
 
     @classmethod
-    def empty(cls) -> "WriteSegment":
+    def empty(cls) -> WriteSegment:
         e = np.zeros((0,), np.int32)
         return cls(e, e, e)
 
@@ -191,7 +192,7 @@ def write_segment(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]],
     return WriteSegment(np.asarray(chat.ids, np.int32), message_ids, sent.astype(np.int32))
 
 
-def chunk_segment(segment: WriteSegment, max_chunk: int) -> List[WriteSegment]:
+def chunk_segment(segment: WriteSegment, max_chunk: int) -> list[WriteSegment]:
     """Split a segment into passes of at most ``max_chunk`` tokens.
 
     A run of equal message id (a message) that does not fit in the current
@@ -227,7 +228,7 @@ def has_memory(runner: Runner) -> bool:
     return runner.memory_config is not None and len(runner.memory_layers) > 0
 
 
-def span_granularity(runner: Runner) -> Optional[str]:
+def span_granularity(runner: Runner) -> str | None:
     """``"message_mean"`` / ``"sentence_mean"`` if the model writes spans, else None."""
     if not has_memory(runner):
         return None
@@ -235,7 +236,7 @@ def span_granularity(runner: Runner) -> Optional[str]:
     return None if g == "token" else g
 
 
-def take_rows(state: Optional[jax.Array], rows: Sequence[int]) -> Optional[jax.Array]:
+def take_rows(state: jax.Array | None, rows: Sequence[int]) -> jax.Array | None:
     """Rows (batch axis 1) of a memory state."""
     if state is None:
         return None
@@ -244,7 +245,7 @@ def take_rows(state: Optional[jax.Array], rows: Sequence[int]) -> Optional[jax.A
 
 def write_memory(runner: Runner, segments: Sequence[WriteSegment], *, max_write_length: int,
                  batch_size: int = 1, carry_cache: bool = True, min_bucket: int = MIN_BUCKET,
-                 on_batch: Optional[Callable[[int], None]] = None) -> jax.Array:
+                 on_batch: Callable[[int], None] | None = None) -> jax.Array:
     """The memory state after writing each segment from a fresh state: ``[L_mem, N, H, r, r]``.
 
     Segments longer than ``max_write_length`` are written in several passes (see
@@ -299,10 +300,10 @@ def write_memory(runner: Runner, segments: Sequence[WriteSegment], *, max_write_
 # --------------------------------------------------------------------------- generation
 
 def generate_texts(runner: Runner, tokenizer: Tokenizer, prompts: Sequence[np.ndarray], *,
-                   batch_size: int, max_new_tokens: int, memory_state: Optional[jax.Array] = None,
-                   use_memory: bool = False, write: bool = False, length_cap: Optional[int] = None,
+                   batch_size: int, max_new_tokens: int, memory_state: jax.Array | None = None,
+                   use_memory: bool = False, write: bool = False, length_cap: int | None = None,
                    min_bucket: int = MIN_BUCKET,
-                   on_batch: Optional[Callable[[int], None]] = None) -> List[str]:
+                   on_batch: Callable[[int], None] | None = None) -> list[str]:
     """Greedy continuations of ``prompts`` (1-D id arrays), decoded up to the stop ids, stripped.
 
     ``memory_state`` ``[L_mem, len(prompts), H, r, r]`` (or None = fresh zeros when
@@ -310,11 +311,12 @@ def generate_texts(runner: Runner, tokenizer: Tokenizer, prompts: Sequence[np.nd
     ``min_bucket``) and batches filled to ``batch_size``, so the compiled shapes are few.
     """
     if memory_state is not None and memory_state.shape[1] != len(prompts):
-        raise ValueError(f"memory_state holds {memory_state.shape[1]} rows for {len(prompts)} prompts")
+        raise ValueError(f"memory_state holds {memory_state.shape[1]} rows "
+                         f"for {len(prompts)} prompts")
     use_memory = bool(use_memory and has_memory(runner))
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     stops = tuple(int(s) for s in tokenizer.stop_ids)
-    texts: List[str] = []
+    texts: list[str] = []
     for idx in batches(len(prompts), batch_size):
         rows = fill_batch([prompts[i] for i in idx], batch_size)
         length = bucket(max(len(r) for r in rows), cap=length_cap, minimum=min_bucket)
@@ -346,7 +348,7 @@ def _nll_sums(graphdef, state, ids, mask, labels, memory_state, *, use_memory):
 
 
 def nll_sums(runner: Runner, ids: np.ndarray, mask: np.ndarray, labels: np.ndarray, *,
-             memory_state: Optional[jax.Array] = None, use_memory: bool = False
+             memory_state: jax.Array | None = None, use_memory: bool = False
              ) -> tuple[np.ndarray, np.ndarray]:
     """Per row: (summed next-token NLL over labelled targets, their count), from a
     read-only pass (HF shift, −100 ignored); logits never leave the device."""

@@ -19,8 +19,9 @@ import json
 import math
 import numbers
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any
 
 from deltamem_jax.utils.atomic import atomic_write_bytes, atomic_write_text
 
@@ -37,7 +38,7 @@ __all__ = [
     "write_report",
 ]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 # --------------------------------------------------------------------------
@@ -75,7 +76,7 @@ def write_json(obj: Any, path: PathLike, *, indent: int = 2) -> Path:
 
 
 def read_json(path: PathLike) -> Any:
-    with open(path, "r", encoding="utf-8") as fh:
+    with open(path, encoding="utf-8") as fh:
         return json.load(fh)
 
 
@@ -83,9 +84,9 @@ def read_json(path: PathLike) -> Any:
 # Table
 # --------------------------------------------------------------------------
 
-def flatten_metrics(metrics: Mapping, sep: str = "/", prefix: str = "") -> Dict[str, Any]:
+def flatten_metrics(metrics: Mapping, sep: str = "/", prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}, "c": 2}`` -> ``{"a/b": 1, "c": 2}`` (order kept)."""
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for k, v in metrics.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
@@ -95,20 +96,21 @@ def flatten_metrics(metrics: Mapping, sep: str = "/", prefix: str = "") -> Dict[
     return out
 
 
-def _rows(results: Mapping[str, Mapping]) -> Dict[str, Dict[str, Any]]:
+def _rows(results: Mapping[str, Mapping]) -> dict[str, dict[str, Any]]:
     if not isinstance(results, Mapping):
         raise TypeError("results must be a mapping {setting: {metric: value}}")
     rows = {}
     for setting, metrics in results.items():
         if not isinstance(metrics, Mapping):
-            raise TypeError(f"results[{setting!r}] must be a mapping of metrics, got {type(metrics).__name__}")
+            raise TypeError(f"results[{setting!r}] must be a mapping of metrics, "
+                            f"got {type(metrics).__name__}")
         rows[str(setting)] = flatten_metrics(metrics)
     return rows
 
 
-def metric_columns(results: Mapping[str, Mapping]) -> List[str]:
+def metric_columns(results: Mapping[str, Mapping]) -> list[str]:
     """Union of the (flattened) metric names, in first-appearance order."""
-    cols: List[str] = []
+    cols: list[str] = []
     for metrics in _rows(results).values():
         for k in metrics:
             if k not in cols:
@@ -132,10 +134,10 @@ def _fmt(value: Any, float_fmt: str) -> str:
 def markdown_table(
     results: Mapping[str, Mapping],
     *,
-    metrics: Optional[Sequence[str]] = None,
+    metrics: Sequence[str] | None = None,
     row_label: str = "setting",
     float_fmt: str = "{:.4f}",
-    title: Optional[str] = None,
+    title: str | None = None,
 ) -> str:
     """GitHub markdown table, one row per setting, one column per metric
     (default: all metrics). Missing values print as "—", None/NaN as "n/a"."""
@@ -160,10 +162,10 @@ def write_markdown(results: Mapping[str, Mapping], path: PathLike, **kwargs) -> 
 # Bar chart
 # --------------------------------------------------------------------------
 
-def _chart_metrics(rows: Dict[str, Dict[str, Any]]) -> List[str]:
+def _chart_metrics(rows: dict[str, dict[str, Any]]) -> list[str]:
     """Default chart columns: metrics with at least one float value (integer
     counts such as ``n`` are left out)."""
-    cols: List[str] = []
+    cols: list[str] = []
     for m in rows.values():
         for k, v in m.items():
             if (isinstance(v, numbers.Real) and not isinstance(v, (bool, numbers.Integral))
@@ -175,9 +177,9 @@ def _chart_metrics(rows: Dict[str, Dict[str, Any]]) -> List[str]:
 def bar_chart_png(
     results: Mapping[str, Mapping],
     *,
-    metrics: Optional[Sequence[str]] = None,
-    title: Optional[str] = None,
-    ylabel: Optional[str] = None,
+    metrics: Sequence[str] | None = None,
+    title: str | None = None,
+    ylabel: str | None = None,
     dpi: int = 120,
 ) -> bytes:
     """Grouped bar chart as PNG bytes: one group per metric, one bar per setting.
@@ -206,7 +208,8 @@ def bar_chart_png(
             ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()),
                         ha="center", va="bottom", fontsize=7)
     ax.set_xticks(list(range(len(cols))))
-    ax.set_xticklabels(cols, rotation=20 if len(cols) > 4 else 0, ha="right" if len(cols) > 4 else "center")
+    ax.set_xticklabels(cols, rotation=20 if len(cols) > 4 else 0,
+                       ha="right" if len(cols) > 4 else "center")
     if ylabel:
         ax.set_ylabel(ylabel)
     if title:
@@ -233,13 +236,13 @@ def write_report(
     out_dir: PathLike,
     name: str = "results",
     *,
-    title: Optional[str] = None,
-    metrics: Optional[Sequence[str]] = None,
-    chart_metrics: Optional[Sequence[str]] = None,
-    meta: Optional[Mapping[str, Any]] = None,
+    title: str | None = None,
+    metrics: Sequence[str] | None = None,
+    chart_metrics: Sequence[str] | None = None,
+    meta: Mapping[str, Any] | None = None,
     float_fmt: str = "{:.4f}",
-    ylabel: Optional[str] = None,
-) -> Dict[str, Path]:
+    ylabel: str | None = None,
+) -> dict[str, Path]:
     """Write ``{name}.json`` (``{"title", "meta", "results"}``), ``{name}.md``
     and ``{name}.png`` into ``out_dir``; returns their paths by kind."""
     out = Path(out_dir)

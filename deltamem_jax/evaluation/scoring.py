@@ -23,7 +23,7 @@ import re
 import string
 import unicodedata
 from collections import Counter
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Iterable, Mapping, Sequence
 
 __all__ = [
     "LOCOMO_CATEGORY_NAMES",
@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 #: Category ids of the public LoCoMo file -> reasoning type (LoCoMo paper).
-LOCOMO_CATEGORY_NAMES: Dict[int, str] = {
+LOCOMO_CATEGORY_NAMES: dict[int, str] = {
     1: "multi_hop",
     2: "temporal",
     3: "open_domain",
@@ -60,7 +60,7 @@ LOCOMO_CATEGORY_NAMES: Dict[int, str] = {
     5: "adversarial",
 }
 #: The categories the δ-mem authors run and score (category 5 is skipped).
-LOCOMO_SCORED_CATEGORIES: Tuple[int, ...] = (1, 2, 3, 4)
+LOCOMO_SCORED_CATEGORIES: tuple[int, ...] = (1, 2, 3, 4)
 
 _PUNCT = frozenset(string.punctuation)
 _SQUAD_ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -145,7 +145,7 @@ def normalize_locomo_answer(text: object) -> str:
     return " ".join(s.split())
 
 
-def locomo_tokens(text: object) -> List[str]:
+def locomo_tokens(text: object) -> list[str]:
     """Porter-stemmed tokens of :func:`normalize_locomo_answer`."""
     return [_stem(t) for t in normalize_locomo_answer(text).split()]
 
@@ -205,7 +205,7 @@ def score_locomo_answer(
     *,
     score_adversarial: bool = False,
     postprocess: bool = True,
-) -> Optional[float]:
+) -> float | None:
     """Score one LoCoMo prediction. Returns None when the question is not
     scored (category 5 with ``score_adversarial=False``, the authors' default)."""
     category = int(category)
@@ -220,15 +220,15 @@ def score_locomo_answer(
     return locomo_f1(pred, g)
 
 
-def aggregate_by_category(records: Iterable[Tuple[int, Optional[float]]]) -> dict:
+def aggregate_by_category(records: Iterable[tuple[int, float | None]]) -> dict:
     """Aggregate (category, score) pairs; None scores are skipped.
 
     Returns ``{"overall": micro mean over all scored items (nan if none),
     "n": count, "per_category": {cat: mean}, "counts": {cat: n}}`` with
     categories sorted ascending.
     """
-    sums: Dict[int, float] = {}
-    counts: Dict[int, int] = {}
+    sums: dict[int, float] = {}
+    counts: dict[int, int] = {}
     for category, score in records:
         if score is None:
             continue
@@ -271,9 +271,9 @@ def score_locomo(
 
 def locomo_summary_row(
     aggregate: Mapping, names: Mapping[int, str] = LOCOMO_CATEGORY_NAMES
-) -> Dict[str, float]:
+) -> dict[str, float]:
     """Flat row for a report table: ``{"cat1_multi_hop": f1, ..., "overall": f1, "n": n}``."""
-    row: Dict[str, float] = {}
+    row: dict[str, float] = {}
     for c, v in aggregate["per_category"].items():
         c = int(c)
         row[f"cat{c}_{names[c]}" if c in names else f"cat{c}"] = v
@@ -290,7 +290,7 @@ def locomo_summary_row(
 # --------------------------------------------------------------------------
 
 def canonicalize_locomo_prediction(raw: str, category: int,
-                                   options: Optional[Mapping[str, str]] = None) -> str:
+                                   options: Mapping[str, str] | None = None) -> str:
     """The authors' canonical prediction: ``\\"`` -> ``'``, first non-empty line, lowercase,
     category-5 option mapping, then the substrings "(a)", "(b)", "a)", "b)", "answer:"
     deleted in that order."""
@@ -347,8 +347,8 @@ def score_locomo_authors(prediction: str, gold: object, category: int) -> float:
 def summarize_locomo_authors(records: Iterable[Mapping]) -> dict:
     """``{"overall_score", "num_questions", "category_scores": {"1": {name, score, count}}}``:
     micro means of the per-question (already rounded) scores, rounded to 4 places."""
-    sums: Dict[int, float] = {}
-    counts: Dict[int, int] = {}
+    sums: dict[int, float] = {}
+    counts: dict[int, int] = {}
     for r in records:
         c = int(r["category"])
         sums[c] = sums.get(c, 0.0) + float(r["score"])

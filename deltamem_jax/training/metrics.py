@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import time
-from typing import Optional
 
 import jax
 
@@ -38,7 +37,7 @@ class MetricsLogger:
         self.every = every
         self.main = jax.process_index() == 0
         self.writer = None
-        self.history_file: Optional[str] = None
+        self.history_file: str | None = None
         if self.main:
             os.makedirs(workdir, exist_ok=True)
             self.history_file = os.path.join(workdir, "metrics.jsonl")
@@ -51,7 +50,7 @@ class MetricsLogger:
         self._first: tuple[int, float] | None = None   # (step, time) of the first log call
         self.last: dict = {}
 
-    def log(self, step: int, metrics: dict, tokens: int, extra: Optional[dict] = None) -> None:
+    def log(self, step: int, metrics: dict, tokens: int, extra: dict | None = None) -> None:
         self._tokens += tokens
         if self._first is None:     # the first step includes compilation: rate from here on
             self._first = (step, time.perf_counter())
