@@ -1,4 +1,5 @@
-"""memory_agent_bench under the authors' protocol (every field: deltamem_jax/evaluation/defaults.py).
+"""memory_agent_bench under the authors' protocol
+(every field: deltamem_jax/evaluation/defaults.py).
 
 Point --config.data.path at the local copy (docs/evaluation.md: where it comes from)."""
 

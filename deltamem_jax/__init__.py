@@ -29,7 +29,8 @@ _EXPORTS = {
     "load_adapter": "deltamem_jax.checkpoints.adapters",
     "save_adapter": "deltamem_jax.checkpoints.adapters",
     "read_adapter_config": "deltamem_jax.checkpoints.adapters",
-    "SamplingConfig": "deltamem_jax.inference.generation", "generate": "deltamem_jax.inference.generation",
+    "SamplingConfig": "deltamem_jax.inference.generation",
+    "generate": "deltamem_jax.inference.generation",
     "Session": "deltamem_jax.inference.session",
 }
 __all__ = sorted(_EXPORTS)

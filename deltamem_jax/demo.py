@@ -1,4 +1,5 @@
-"""Forwarder kept for one release: ``python -m deltamem_jax.demo`` runs :mod:`deltamem_jax.tools.demo`."""
+"""Forwarder kept for one release: ``python -m deltamem_jax.demo`` runs
+:mod:`deltamem_jax.tools.demo`."""
 
 from deltamem_jax.tools.demo import main
 

@@ -51,7 +51,8 @@ def random_model(seed: int = 0, *, scan_layers: bool = False,
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def save_pretrained(model: DecoderLM, root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path | None]:
+def save_pretrained(model: DecoderLM,
+                    root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path | None]:
     """Write ``model`` as a backbone dir (HF layout + byte-tokenizer marker) and, if it has
     δ-mem, an adapter dir; returns (model_dir, adapter_dir or None)."""
     root = pathlib.Path(root)

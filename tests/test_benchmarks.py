@@ -18,16 +18,16 @@ import pytest
 
 from deltamem_jax.evaluation import gpqa, hotpotqa, ifeval, mab
 from deltamem_jax.evaluation.defaults import eval_config
-
-HERE = pathlib.Path(__file__).resolve().parent
 from deltamem_jax.memory.config import DeltaMemConfig
 
-from helpers import random_model, run_eval, save_pretrained  # noqa: E402
+from helpers import random_model, run_eval, save_pretrained
+
+HERE = pathlib.Path(__file__).resolve().parent
 
 HOTPOT = [{"id": f"h{i}", "question": f" Who is {i}? ", "answer": "Ann", "type": "bridge",
            "level": "easy" if i % 2 else "hard",
            "context": {"title": ["T1", "T2", "T3"],
-                       "sentences": [[" Ann is here. ", "She is %d." % i], ["  "], ["Bob."]]}}
+                       "sentences": [[" Ann is here. ", f"She is {i}."], ["  "], ["Bob."]]}}
           for i in range(3)]
 GPQA_ROWS = [{"Question": f" What is {i}? ", "Correct Answer": " right ",
               "Incorrect Answer 1": "w1", "Incorrect Answer 2": "w2", "Incorrect Answer 3": "w3",
@@ -122,7 +122,8 @@ def test_gpqa_choice_order_is_cpythons_shuffle():
     prompt, letter = gpqa.build_prompt(GPQA_ROWS[0], 42)
     assert f"{letter}. right" in prompt and prompt.startswith(
         "Answer the following multiple-choice question.\nPlease show your choice in the `answer`"
-        " field with only the choice letter, for example: {\"answer\": \"C\"}.\n\nQuestion: What is 0?\n\nA. ")
+        " field with only the choice letter, for example: {\"answer\": \"C\"}."
+        "\n\nQuestion: What is 0?\n\nA. ")
 
 
 @pytest.mark.parametrize("text, letter", [

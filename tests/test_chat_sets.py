@@ -113,7 +113,8 @@ def test_chance_is_low_and_scored_like_the_model(splits):
 
 def test_chance_hand_case():
     def rec(q, a):
-        return {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
+        return {"messages": [{"role": "user", "content": "x"},
+                             {"role": "assistant", "content": "y"},
                              {"role": "user", "content": q}, {"role": "assistant", "content": a}]}
     fit = [rec("Q1", "red"), rec("Q1", "red"), rec("Q1", "blue"), rec("Q2", "bin 4")]
     test = [rec("Q1", "red"), rec("Q1", "The red one"), rec("Q2", "4"), rec("Q3", "red")]

@@ -34,7 +34,7 @@ from deltamem_jax.data import (
     split_sentences,
     write_synthetic_dataset,
 )
-from deltamem_jax.data.synthetic import ANSWER_SENTENCES, FACT_KINDS  # noqa: E402
+from deltamem_jax.data.synthetic import ANSWER_SENTENCES, FACT_KINDS
 
 BT = ByteTokenizer()
 
@@ -55,7 +55,8 @@ CONV = [
 
 
 def test_data_layer_imports_no_jax_or_model_code():
-    """The data modules import only numpy/stdlib, datasets/transformers/tokenizers and each other."""
+    """The data modules import only numpy/stdlib, datasets/transformers/tokenizers and each
+    other."""
     import ast
     import pathlib
 
@@ -70,7 +71,8 @@ def test_data_layer_imports_no_jax_or_model_code():
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
             for name in names:
                 top = name.split(".")[0]
-                ok = (name.startswith(("deltamem_jax.data", "deltamem_jax.utils.files"))
+                ok = (name.startswith(("deltamem_jax.data", "deltamem_jax.utils.files",
+                                     "deltamem_jax.utils.atomic"))
                       or top in allowed or top in sys.stdlib_module_names)
                 assert ok, f"{f.name} imports {name}"
 
@@ -91,7 +93,8 @@ def test_byte_tokenizer_round_trip_and_specials():
 def test_byte_render_chat_attribution():
     msgs = [msg("user", "hi"), msg("assistant", "yo")]
     chat = BT.render_chat(msgs, add_generation_prompt=True)
-    expect = [BT.USER, *BT.encode("hi"), BT.END, BT.ASSISTANT, *BT.encode("yo"), BT.END, BT.ASSISTANT]
+    expect = [BT.USER, *BT.encode("hi"), BT.END,
+              BT.ASSISTANT, *BT.encode("yo"), BT.END, BT.ASSISTANT]
     assert chat.ids.tolist() == expect
     assert chat.message_index.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, -1]
     assert chat.content_spans == ((1, 3), (5, 7))
@@ -104,7 +107,10 @@ TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 # Not prefix-stable by a single token: the last message is followed by <eos> unless prompting.
-TEMPLATE_ROLLBACK = TEMPLATE.replace("{% if add_generation_prompt %}", "{% if not add_generation_prompt %}<eos>{% endif %}{% if add_generation_prompt %}")
+TEMPLATE_ROLLBACK = TEMPLATE.replace(
+    "{% if add_generation_prompt %}",
+    "{% if not add_generation_prompt %}<eos>{% endif %}{% if add_generation_prompt %}",
+)
 # Not prefix-stable at all: the header counts the messages.
 TEMPLATE_UNSTABLE = "count {{ messages|length }} " + TEMPLATE
 
@@ -114,7 +120,8 @@ def _make_hf_dir(path, template):
     from tokenizers import models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = "be brief hello there how are you fine my code is 42 noted what ? . user assistant system count 1 2 3 4 5 6 7".split()
+    words = ("be brief hello there how are you fine my code is 42 noted what ? . "
+             "user assistant system count 1 2 3 4 5 6 7").split()
     vocab = {"[UNK]": 0, "<pad>": 1, "<eos>": 2, "<|im_start|>": 3, "<|im_end|>": 4}
     for w in words:
         vocab.setdefault(w, len(vocab))
@@ -135,7 +142,8 @@ def hf_dirs(tmp_path_factory):
     base = tmp_path_factory.mktemp("hf")
     return {
         name: _make_hf_dir(base / name, t)
-        for name, t in [("plain", TEMPLATE), ("rollback", TEMPLATE_ROLLBACK), ("unstable", TEMPLATE_UNSTABLE), ("none", None)]
+        for name, t in [("plain", TEMPLATE), ("rollback", TEMPLATE_ROLLBACK),
+                        ("unstable", TEMPLATE_UNSTABLE), ("none", None)]
     }
 
 
@@ -146,12 +154,15 @@ def test_hf_tokenizer_render_chat(hf_dirs):
     tok = load_tokenizer(hf_dirs["plain"])
     assert isinstance(tok, HFTokenizer) and isinstance(tok, Tokenizer)
     hf = tok.hf_tokenizer
-    assert tok.pad_id == hf.convert_tokens_to_ids("<pad>") and tok.eos_id == hf.convert_tokens_to_ids("<eos>")
+    assert (tok.pad_id == hf.convert_tokens_to_ids("<pad>")
+            and tok.eos_id == hf.convert_tokens_to_ids("<eos>"))
     chat = tok.render_chat(LOWER, add_generation_prompt=True)
-    full = hf.encode(hf.apply_chat_template(LOWER, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+    full = hf.encode(hf.apply_chat_template(LOWER, tokenize=False, add_generation_prompt=True),
+                     add_special_tokens=False)
     assert chat.ids.tolist() == full
     start = hf.convert_tokens_to_ids("<|im_start|>")
-    # each message: <|im_start|> role content... <|im_end|>; the generation prompt is two tokens of no message
+    # each message: <|im_start|> role content... <|im_end|>;
+    # the generation prompt is two tokens of no message
     owners = chat.message_index.tolist()
     assert owners[-2:] == [-1, -1] and chat.ids[-2] == start
     assert owners[:-2] == sorted(owners[:-2]) and set(owners[:-2]) == set(range(len(LOWER)))
@@ -166,7 +177,8 @@ def test_hf_tokenizer_rollback_and_errors(hf_dirs, tmp_path):
     tok = HFTokenizer(hf_dirs["rollback"])
     hf = tok.hf_tokenizer
     chat = tok.render_chat(LOWER)
-    assert chat.ids.tolist() == hf.encode(hf.apply_chat_template(LOWER, tokenize=False), add_special_tokens=False)
+    assert chat.ids.tolist() == hf.encode(hf.apply_chat_template(LOWER, tokenize=False),
+                                          add_special_tokens=False)
     # the trailing <eos> moved from each message to the next, ending on the last one
     assert chat.ids[-1] == tok.eos_id and chat.message_index[-1] == len(LOWER) - 1
     assert (chat.ids[chat.message_index < len(LOWER) - 1] != tok.eos_id).all()
@@ -257,7 +269,8 @@ def test_episode_written_vs_visible_and_labels():
     assert ep.read_ids[sup].tolist() == [BT.ASSISTANT, *BT.encode("42"), BT.END]
     assert sup.tolist() == list(range(len(ep.read_ids) - 4, len(ep.read_ids)))
     assert (ep.labels[sup] == ep.read_ids[sup]).all()
-    assert all(a.dtype == np.int32 for a in (ep.write_ids, ep.write_message_ids, ep.write_sentence_ids, ep.read_ids, ep.labels))
+    assert all(a.dtype == np.int32 for a in (ep.write_ids, ep.write_message_ids,
+                                             ep.write_sentence_ids, ep.read_ids, ep.labels))
     # message ids: system −1, then 0..3 on every token of each message, template tokens included
     n_sys = len(BT.encode("Be brief.")) + 2
     expect = [-1] * n_sys
@@ -283,7 +296,8 @@ def test_episode_views():
     assert so.write_ids.tolist() == BT.render_chat(CONV[:5]).ids.tolist()
     assert so.read_ids.tolist() == BT.render_chat([CONV[0], CONV[5], CONV[6]]).ids.tolist()
     assert not nm.has_write and nm.write_ids.shape == (0,)
-    assert nm.read_ids.tolist() == mem.read_ids.tolist() and nm.labels.tolist() == mem.labels.tolist()
+    assert (nm.read_ids.tolist() == mem.read_ids.tolist()
+            and nm.labels.tolist() == mem.labels.tolist())
     with pytest.raises(ValueError, match="unknown view"):
         build_episode(BT, CONV, 6, cfg, "both")
 
@@ -315,7 +329,8 @@ def test_episode_sentence_ids():
 
 def test_episode_tail_truncation():
     full = build_episode(BT, CONV, 6, EpisodeConfig(sentence_ids=True))
-    cut = build_episode(BT, CONV, 6, EpisodeConfig(max_write_length=20, max_length=10, sentence_ids=True))
+    cut = build_episode(BT, CONV, 6,
+                        EpisodeConfig(max_write_length=20, max_length=10, sentence_ids=True))
     assert cut.write_ids.tolist() == full.write_ids[-20:].tolist()
     assert cut.write_message_ids.tolist() == full.write_message_ids[-20:].tolist()  # not renumbered
     assert cut.write_sentence_ids.tolist() == full.write_sentence_ids[-20:].tolist()
@@ -388,8 +403,9 @@ def test_bad_records_skipped(caplog):
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     text = warnings[0].getMessage()
-    for reason in ["reply_too_long=1", "empty_conversation=1", "no_assistant_message=1", "missing_role=1",
-                   "unknown_role=1", "non_string_content=2", "missing_messages=2", "not_a_mapping=1"]:
+    for reason in ["reply_too_long=1", "empty_conversation=1", "no_assistant_message=1",
+                   "missing_role=1", "unknown_role=1", "non_string_content=2",
+                   "missing_messages=2", "not_a_mapping=1"]:
         assert reason in text
     assert len(build_episodes(BT, records, EpisodeConfig(max_length=20))) == 2  # truncate_left
 
@@ -426,12 +442,14 @@ def test_clean_and_load_records(tmp_path, caplog):
     assert kept == [{"messages": [msg("user", "a"), msg("assistant", "b")]}]
     assert counts == {"no_assistant_message": 1}
     p = tmp_path / "d.jsonl"
-    p.write_text("\n".join([json.dumps(good), "{broken", json.dumps({"messages": [msg("user", 5)]}), ""]))
+    p.write_text("\n".join([json.dumps(good), "{broken",
+                            json.dumps({"messages": [msg("user", 5)]}), ""]))
     with caplog.at_level(logging.WARNING, logger="deltamem_jax.data"):
         recs = load_records(p)
     assert recs == kept
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "invalid_json=1" in warnings[0] and "non_string_content=1" in warnings[0]
+    assert (len(warnings) == 1 and "invalid_json=1" in warnings[0]
+            and "non_string_content=1" in warnings[0])
     j = tmp_path / "d.json"
     j.write_text(json.dumps([good, good]))
     assert len(load_records(j)) == 2
@@ -443,7 +461,8 @@ def test_clean_and_load_records(tmp_path, caplog):
 def test_load_records_parquet(tmp_path):
     import datasets
 
-    rows = [{"messages": [msg("user", "a"), msg("assistant", "b")]}, {"messages": [msg("user", "c"), msg("user", "d")]}]
+    rows = [{"messages": [msg("user", "a"), msg("assistant", "b")]},
+            {"messages": [msg("user", "c"), msg("user", "d")]}]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
     assert load_records(tmp_path / "d.parquet") == rows[:1]
 
@@ -454,7 +473,8 @@ def test_load_records_parquet(tmp_path):
 @pytest.fixture(scope="module")
 def episode_set():
     recs = generate_split(48, "train", SyntheticConfig(seed=3))
-    return EpisodeSet(BT, recs, EpisodeConfig(max_length=64, max_write_length=256, recent_messages=1, sentence_ids=True))
+    return EpisodeSet(BT, recs, EpisodeConfig(max_length=64, max_write_length=256,
+                                              recent_messages=1, sentence_ids=True))
 
 
 WB, RB = [64, 128, 192, 256], [32, 64]
@@ -474,17 +494,20 @@ def assert_batches_equal(a, b):
 
 def test_loader_determinism_and_format(episode_set):
     a = [next(make_loader(episode_set)) for _ in range(1)]
-    la, lb, lc = make_loader(episode_set), make_loader(episode_set), make_loader(episode_set, seed=8)
+    la, lb = make_loader(episode_set), make_loader(episode_set)
+    lc = make_loader(episode_set, seed=8)
     xs = [next(la) for _ in range(12)]  # 2 epochs of 6 batches
     ys = [next(lb) for _ in range(12)]
     for x, y in zip(xs, ys):
         assert_batches_equal(x, y)
     assert_batches_equal(a[0], xs[0])
-    assert any(not np.array_equal(x["example_index"], z["example_index"]) for x, z in zip(xs, [next(lc) for _ in range(12)]))
+    assert any(not np.array_equal(x["example_index"], z["example_index"])
+               for x, z in zip(xs, [next(lc) for _ in range(12)]))
     # each epoch is a permutation; epochs reshuffle
     e0 = np.concatenate([x["example_index"] for x in xs[:6]])
     e1 = np.concatenate([x["example_index"] for x in xs[6:]])
-    assert sorted(e0) == list(range(48)) and sorted(e1) == list(range(48)) and not np.array_equal(e0, e1)
+    assert (sorted(e0) == list(range(48)) and sorted(e1) == list(range(48))
+            and not np.array_equal(e0, e1))
     b = xs[0]
     wm, rm = b["write_mask"].astype(bool), b["read_mask"].astype(bool)
     assert (b["write_ids"][~wm] == BT.pad_id).all() and (b["read_ids"][~rm] == BT.pad_id).all()
@@ -522,9 +545,11 @@ FINE_WB, FINE_RB = [128, 160, 192, 224, 256], [28, 32, 36, 40, 64]
 
 @pytest.mark.parametrize("batch, hosts_n", [(8, 2), (4, 2), (4, 4)])
 def test_loader_multi_host_slices(episode_set, batch, hosts_n):
-    kw = dict(write_buckets=FINE_WB, read_buckets=FINE_RB, seed=5, p_state_only=0.3, p_no_memory=0.2)
+    kw = dict(write_buckets=FINE_WB, read_buckets=FINE_RB, seed=5, p_state_only=0.3,
+              p_no_memory=0.2)
     one = EpisodeLoader(episode_set, batch, **kw)
-    hosts = [EpisodeLoader(episode_set, batch, process_index=i, process_count=hosts_n, **kw) for i in range(hosts_n)]
+    hosts = [EpisodeLoader(episode_set, batch, process_index=i, process_count=hosts_n, **kw)
+             for i in range(hosts_n)]
     for _ in range(2 * one.batches_per_epoch):
         full, parts = next(one), [next(h) for h in hosts]
         assert parts[0]["read_ids"].shape == parts[1]["read_ids"].shape  # shapes agree across hosts
@@ -537,7 +562,8 @@ def test_loader_multi_host_slices(episode_set, batch, hosts_n):
 def test_loader_static_shapes_and_epochs(episode_set):
     assert len(list(make_loader(episode_set, epochs=2))) == 12
     wb, rb = FINE_WB, FINE_RB
-    loader = EpisodeLoader(episode_set, 2, write_buckets=wb, read_buckets=rb, seed=1, p_no_memory=0.3, epochs=3)
+    loader = EpisodeLoader(episode_set, 2, write_buckets=wb, read_buckets=rb, seed=1,
+                           p_no_memory=0.3, epochs=3)
     batches = list(loader)
     assert len(batches) == 3 * loader.batches_per_epoch == 72
     shapes = {(b["write_ids"].shape, b["read_ids"].shape) for b in batches}
@@ -553,7 +579,8 @@ def test_loader_static_shapes_and_epochs(episode_set):
 
 def test_loader_view_sampling(episode_set):
     la, lb = make_loader(episode_set), make_loader(episode_set, p_state_only=0.3, p_no_memory=0.2)
-    assert [la.view_of(e, i) for e in range(3) for i in range(48)] == [lb.view_of(e, i) for e in range(3) for i in range(48)]
+    assert ([la.view_of(e, i) for e in range(3) for i in range(48)]
+            == [lb.view_of(e, i) for e in range(3) for i in range(48)])
     views = [la.view_of(e, i) for e in range(20) for i in range(48)]
     frac = {v: views.count(v) / len(views) for v in VIEW_CODES}
     assert abs(frac["no_memory"] - 0.2) < 0.05 and abs(frac["state_only"] - 0.3) < 0.05
@@ -567,9 +594,11 @@ def test_loader_view_sampling(episode_set):
 
 def test_loader_callable_source():
     eps = build_episodes(BT, [{"messages": CONV}] * 4, EpisodeConfig())
-    loader = EpisodeLoader(lambda i, v: eps[i], 2, num_examples=4, pad_id=0, write_buckets=[64, 128], read_buckets=[40], epochs=1)
+    loader = EpisodeLoader(lambda i, v: eps[i], 2, num_examples=4, pad_id=0,
+                           write_buckets=[64, 128], read_buckets=[40], epochs=1)
     out = list(loader)
-    assert len(out) == 2 and out[0]["write_ids"].shape == (2, 128) and out[0]["read_ids"].shape == (2, 40)
+    assert (len(out) == 2 and out[0]["write_ids"].shape == (2, 128)
+            and out[0]["read_ids"].shape == (2, 40))
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -579,7 +608,8 @@ def test_synthetic_determinism_and_format(tmp_path):
     cfg = SyntheticConfig(n_train=300, n_validation=20, n_test=20, seed=11)
     p1 = write_synthetic_dataset(tmp_path / "a", cfg)
     p2 = write_synthetic_dataset(tmp_path / "b", cfg)
-    p3 = write_synthetic_dataset(tmp_path / "c", SyntheticConfig(n_train=300, n_validation=20, n_test=20, seed=12))
+    p3 = write_synthetic_dataset(tmp_path / "c", SyntheticConfig(n_train=300, n_validation=20,
+                                                                 n_test=20, seed=12))
     for split in ("train", "validation", "test"):
         assert open(p1[split]).read() == open(p2[split]).read()
         assert open(p1[split]).read() != open(p3[split]).read()

@@ -105,7 +105,8 @@ def _config(tiny, **over):
 
 def _cmd(tiny, workdir, *extra):
     """eval.py with the settings of :func:`_config` (the protocol's default settings)."""
-    return [sys.executable, str(REPO / "eval.py"), f"--config={REPO / 'configs' / 'eval_locomo.py'}",
+    return [sys.executable, str(REPO / "eval.py"),
+            f"--config={REPO / 'configs' / 'eval_locomo.py'}",
             f"--workdir={workdir}", f"--config.data.path={tiny['locomo']}",
             f"--config.model.hf_dir={tiny['model']}", f"--config.model.adapter={tiny['adapter']}",
             "--config.batch_size=4", "--config.progress=False", "--config.mesh.data=1",

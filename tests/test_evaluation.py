@@ -37,7 +37,8 @@ def _runner(zero_heads: bool) -> Runner:
     rng = np.random.default_rng(0)
     for i in model.memory_layers:
         mem = model.layers[i].self_attn.memory
-        mem.beta_proj.set_value(jnp.asarray(rng.normal(size=mem.beta_proj.shape) * 0.5, jnp.float32))
+        mem.beta_proj.set_value(jnp.asarray(rng.normal(size=mem.beta_proj.shape) * 0.5,
+                                            jnp.float32))
         for h in mem.config.delta_heads:
             p = getattr(mem, f"delta_{h}_proj")
             # amplified so that memory visibly changes greedy outputs; or exactly zero
@@ -98,8 +99,10 @@ def test_recall_end_to_end_and_states(recall_result, mem_runner, tok, records, t
     for s, m in res["per_setting"].items():
         assert m["n"] == len(records)
         assert 0.0 <= m["exact_match"] <= 1.0 and 0.0 <= m["f1"] <= 1.0
-    assert [e["reference"] for e in res["examples"]] == [r["messages"][-1]["content"] for r in records]
-    assert [e["question"] for e in res["examples"]] == [r["messages"][-2]["content"] for r in records]
+    assert ([e["reference"] for e in res["examples"]]
+            == [r["messages"][-1]["content"] for r in records])
+    assert ([e["question"] for e in res["examples"]]
+            == [r["messages"][-2]["content"] for r in records])
     # (a) each delta_mem state is a direct write pass over that record's episode write segment
     eps = [_episode(tok, rec) for rec in records]
     assert all(ep.has_write for ep in eps)
@@ -161,7 +164,8 @@ def test_batched_generation_matches_single(mem_runner, tok, records):
     batched = prompts.generate_texts(mem_runner, tok, ps, batch_size=4, min_bucket=512,
                                      memory_state=states, use_memory=True, max_new_tokens=8)
     single = [prompts.generate_texts(mem_runner, tok, [p], batch_size=1, use_memory=True,
-                                     memory_state=prompts.take_rows(states, [i]), max_new_tokens=8)[0]
+                                     memory_state=prompts.take_rows(states, [i]),
+                                     max_new_tokens=8)[0]
               for i, p in enumerate(ps)]
     assert batched == single
     assert len(set(batched)) > 1
@@ -259,13 +263,15 @@ def test_locomo_full_context_fit(tok, locomo_conv):
     # a budget that fits the latest session but not both: the oldest goes
     qs = locomo_conv.questions
     size = lambda conv: max(  # noqa: E731
-        len(tok.render_chat(L.full_context_messages(conv, q), add_generation_prompt=True)) for q in qs)
+        len(tok.render_chat(L.full_context_messages(conv, q), add_generation_prompt=True))
+        for q in qs)
     latest = dataclasses.replace(locomo_conv, sessions=locomo_conv.sessions[1:])
     budget = size(latest)
     assert size(locomo_conv) > budget
     fitted = locomo_eval.fit_full_context(tok, locomo_conv, qs, budget)
     assert [s.index for s in fitted.sessions] == [2]
-    assert [s.index for s in locomo_eval.fit_full_context(tok, locomo_conv, qs, budget - 1).sessions] == []
+    tight = locomo_eval.fit_full_context(tok, locomo_conv, qs, budget - 1)
+    assert [s.index for s in tight.sessions] == []
     assert locomo_eval.fit_full_context(tok, locomo_conv, qs, size(locomo_conv)) is locomo_conv
 
 

@@ -52,7 +52,8 @@ def test_real_file_structure(convs):
     assert len(c0.sessions) == 19  # conv-26 lists date_times up to 35 but only 19 sessions
     assert [s.index for s in c0.sessions] == list(range(1, 20))
     assert c0.sessions[0].date_time == "1:56 pm on 8 May, 2023"
-    assert c0.sessions[0].turns[0] == L.Turn("Caroline", "D1:1", "Hey Mel! Good to see you! How have you been?")
+    assert c0.sessions[0].turns[0] == L.Turn("Caroline", "D1:1",
+                                             "Hey Mel! Good to see you! How have you been?")
     for c in convs:
         assert c.sessions and all(s.date_time.strip() and s.turns for s in c.sessions)
         assert {t.speaker for s in c.sessions for t in s.turns} == set(c.speakers)
@@ -61,8 +62,8 @@ def test_real_file_structure(convs):
 
 def test_question_fields(convs):
     q = convs[0].questions[0]
-    assert q == L.LocomoQuestion("When did Caroline go to the LGBTQ support group?", "7 May 2023", 2,
-                                 ("D1:3",), None, 0)
+    assert q == L.LocomoQuestion("When did Caroline go to the LGBTQ support group?",
+                                 "7 May 2023", 2, ("D1:3",), None, 0)
     assert convs[0].questions[1].answer == "2022"  # integer answers are stringified
     adv = [q for q in convs[0].questions if q.category == 5]
     assert adv and all(q.adversarial_answer is not None for q in adv)
@@ -78,8 +79,10 @@ def test_limits_and_category_filter(raw):
     assert [len(c.questions) for c in few] == [3, 3]
     assert [q.qa_index for q in few[0].questions] == [0, 1, 2]
     scored = L.load_locomo(path, categories=(1, 2, 3, 4))
-    assert L.count_by_category(scored) == {k: v for k, v in EXPECTED_CATEGORY_COUNTS.items() if k != 5}
-    firsts = L.load_locomo(path, max_conversations=1, categories=[3], max_questions_per_conversation=2)
+    assert L.count_by_category(scored) == {k: v for k, v in EXPECTED_CATEGORY_COUNTS.items()
+                                           if k != 5}
+    firsts = L.load_locomo(path, max_conversations=1, categories=[3],
+                           max_questions_per_conversation=2)
     want = [i for i, q in enumerate(raw[0]["qa"]) if q["category"] == 3][:2]
     assert [q.qa_index for q in firsts[0].questions] == want
     assert all(q.category == 3 for q in firsts[0].questions)
@@ -102,7 +105,8 @@ def test_render_session_and_turn(convs):
                            'Caroline said, "Hey Mel! Good to see you! How have you been?"\n'
                            'Melanie said, "Hey Caroline!')
     assert text.endswith("\n") and text.count("\n") == 2 + len(s.turns)
-    assert L.render_turn(L.Turn("A", "D1:1", "look", "a photo of a cat")) == 'A said, "look" and shared a photo of a cat.'
+    assert (L.render_turn(L.Turn("A", "D1:1", "look", "a photo of a cat"))
+            == 'A said, "look" and shared a photo of a cat.')
     captioned = [t for t in s.turns if t.blip_caption]
     assert captioned and f" and shared {captioned[0].blip_caption}." in text
 
@@ -173,7 +177,8 @@ def test_bad_json_and_top_level(tmp_path):
     (lambda s: s["conversation"].pop("speaker_b"), "conversation.speaker_b"),
     (lambda s: s["conversation"].pop("session_2_date_time"), "conversation.session_2_date_time"),
     (lambda s: s["conversation"]["session_3"][4].pop("text"), "conversation.session_3[4].text"),
-    (lambda s: s["conversation"]["session_1"][0].__setitem__("speaker", 5), "conversation.session_1[0].speaker"),
+    (lambda s: s["conversation"]["session_1"][0].__setitem__("speaker", 5),
+     "conversation.session_1[0].speaker"),
     (lambda s: s["qa"][7].pop("question"), "qa[7].question"),
     (lambda s: s["qa"][2].pop("answer"), "qa[2].answer"),
     (lambda s: s["qa"][0].__setitem__("category", 9), "qa[0].category"),
@@ -252,7 +257,8 @@ def test_markdown_table():
     assert lines[2] == "| no_memory | 0.125 | 0.250 | 8 |"
     assert lines[3] == "| delta_mem | 0.500 | 0.688 | 8 |"
     assert lines[4] == "| full_context | 0.875 | 0.938 | 8 |"
-    nested = {"no_memory": {"f1": {"1": 0.5}, "loss": None}, "delta_mem": {"f1": {"1": float("nan"), "2": 0.25}}}
+    nested = {"no_memory": {"f1": {"1": 0.5}, "loss": None},
+              "delta_mem": {"f1": {"1": float("nan"), "2": 0.25}}}
     md2 = R.markdown_table(nested, metrics=["f1/1", "f1/2", "loss"])
     assert "| no_memory | 0.5000 | — | n/a |" in md2
     assert "| delta_mem | n/a | 0.2500 | — |" in md2
@@ -265,16 +271,19 @@ def test_write_report_files(tmp_path):
         "full_context": {"cat1_multi_hop": 0.5, "cat2_temporal": 0.6, "overall": 0.55, "n": 4},
     }
     paths = R.write_report(locomo, tmp_path / "out", "locomo", title="LoCoMo F1", meta={"seed": 42})
-    assert R.read_json(paths["json"]) == {"title": "LoCoMo F1", "meta": {"seed": 42}, "results": locomo}
+    assert R.read_json(paths["json"]) == {"title": "LoCoMo F1", "meta": {"seed": 42},
+                                          "results": locomo}
     md = paths["markdown"].read_text()
-    assert "## LoCoMo F1" in md and "| delta_mem | 0.3000 | 0.4000 | 0.3500 | 4 |" in md and "- seed: 42" in md
+    assert ("## LoCoMo F1" in md and "| delta_mem | 0.3000 | 0.4000 | 0.3500 | 4 |" in md
+            and "- seed: 42" in md)
     png = paths["png"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     from matplotlib.image import imread
 
     img = imread(str(paths["png"]))
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["locomo.json", "locomo.md", "locomo.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["locomo.json", "locomo.md",
+                                                                    "locomo.png"]
 
 
 def test_bar_chart_default_metrics_skip_counts_and_draw_values(tmp_path):
@@ -282,7 +291,8 @@ def test_bar_chart_default_metrics_skip_counts_and_draw_values(tmp_path):
            "delta_mem": {"loss": 1.5, "ppl": 4.482, "n_tokens": 1000}}
     assert R._chart_metrics(R._rows(ppl)) == ["loss", "ppl"]
     a = R.bar_chart_png(ppl)
-    b = R.bar_chart_png({"no_memory": {"loss": 2.0, "ppl": 7.389}, "delta_mem": {"loss": 1.5, "ppl": 1.0}})
+    b = R.bar_chart_png({"no_memory": {"loss": 2.0, "ppl": 7.389},
+                         "delta_mem": {"loss": 1.5, "ppl": 1.0}})
     assert a[:8] == b"\x89PNG\r\n\x1a\n" and a != b
     p = R.write_bar_chart(ppl, tmp_path / "ppl.png", metrics=["ppl"], title="ppl")
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -52,7 +52,8 @@ def _expected_user(sample, q, count=None, budget=None):
     blocks = []                                  # chronological (header, [turn texts])
     if budget is None:
         for n in nums:
-            blocks.append((conv[f"session_{n}_date_time"], [_turn(t) for t in conv[f"session_{n}"]]))
+            blocks.append((conv[f"session_{n}_date_time"],
+                           [_turn(t) for t in conv[f"session_{n}"]]))
     else:
         used, done = 0, False
         for n in nums:
@@ -128,8 +129,10 @@ def test_category_5_options_follow_the_sha256_rule():
         h = hashlib.sha256(f"42|conv-26|{idx}|cat5".encode()).digest()
         no_info_first = int.from_bytes(h[:8], "big") % 2 == 0
         flips.append(no_info_first)
-        a, b = ("No information available", "yes") if no_info_first else ("yes", "No information available")
-        assert spec.text == f"Did she go? (a) {a} (b) {b}. Select the correct answer by writing (a) or (b)."
+        a, b = (("No information available", "yes") if no_info_first
+                else ("yes", "No information available"))
+        assert spec.text == (f"Did she go? (a) {a} (b) {b}. "
+                             "Select the correct answer by writing (a) or (b).")
     assert len(set(flips)) == 2
 
 
@@ -179,7 +182,8 @@ def test_category_5_canonicalisation_maps_options():
     opts = {"a": "No information available", "b": "blue"}
     assert canonicalize_locomo_prediction("(b)", 5, opts) == "blue"
     assert canonicalize_locomo_prediction("a", 5, opts) == "No information available"
-    assert canonicalize_locomo_prediction("It is not mentioned", 5, opts) == "No information available"
+    assert (canonicalize_locomo_prediction("It is not mentioned", 5, opts)
+            == "No information available")
     assert score_locomo_authors("No information available", "blue", 5) == 1.0
     assert score_locomo_authors("blue", "blue", 5) == 0.0
 

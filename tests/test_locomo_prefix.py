@@ -62,7 +62,8 @@ def task(tmp_path_factory):
     c.batch_size, c.mesh.data, c.progress = 4, 1, False
     c.decoding.mode, c.decoding.max_new_tokens = "greedy", 6
     c.locomo.categories = (4,)
-    c.locomo.context_window = _budget(root / "locomo.json", load_tokenizer(str(model_dir))) + RESERVE
+    c.locomo.context_window = (_budget(root / "locomo.json", load_tokenizer(str(model_dir)))
+                               + RESERVE)
     s = resolve(c)
     mesh = eval_mesh(1, s.batch_size)
     with jax.set_mesh(mesh):

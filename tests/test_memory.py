@@ -50,14 +50,17 @@ def projections(mem: DeltaMemory, h):
 
 def heads_first(a, B, H):
     """[B, T, H, x] -> [B*H, T, x]."""
-    return None if a is None else np.swapaxes(a, 1, 2).reshape((B * H,) + a.shape[1:2] + a.shape[3:])
+    if a is None:
+        return None
+    return np.swapaxes(a, 1, 2).reshape((B * H,) + a.shape[1:2] + a.shape[3:])
 
 
 def expected_corrections(mem, reads):
     c = mem.config
     out = {}
     for head in c.delta_heads:
-        out[head] = c.scale * reads @ np.asarray(getattr(mem, f"delta_{head}_proj")[...], np.float64)
+        proj = np.asarray(getattr(mem, f"delta_{head}_proj")[...], np.float64)
+        out[head] = c.scale * reads @ proj
     return out
 
 

@@ -89,12 +89,15 @@ def test_multi_answer_f1_category_1():
     # order does not matter, all gold parts covered
     assert S.locomo_multi_answer_f1("berlin, london", "London, Berlin") == 1.0
     # gold "pottery, camping, painting", pred "camping and painting" (one part):
-    # pred tokens {camp, paint}; each gold part has 1 token: pottery 0, camping F1 = 2*(1/2*1)/(3/2)=2/3, painting 2/3
+    # pred tokens {camp, paint}; each gold part has 1 token: pottery 0,
+    # camping F1 = 2*(1/2*1)/(3/2)=2/3, painting 2/3
     # mean = (0 + 2/3 + 2/3)/3 = 4/9
-    assert S.locomo_multi_answer_f1("camping and painting", "pottery, camping, painting") == pytest.approx(4 / 9)
+    assert (S.locomo_multi_answer_f1("camping and painting", "pottery, camping, painting")
+            == pytest.approx(4 / 9))
     # plain F1 on the same pair differs (commas dropped): pred 2 tokens, gold 3, common 2 -> 0.8
     assert S.locomo_f1("camping and painting", "pottery, camping, painting") == pytest.approx(0.8)
-    assert S.score_locomo_answer("camping and painting", "pottery, camping, painting", 1) == pytest.approx(4 / 9)
+    assert (S.score_locomo_answer("camping and painting", "pottery, camping, painting", 1)
+            == pytest.approx(4 / 9))
 
 
 def test_category_3_gold_cut_at_semicolon():
@@ -102,14 +105,17 @@ def test_category_3_gold_cut_at_semicolon():
     assert S.locomo_gold_answer(gold, 3) == "Psychology"
     assert S.locomo_gold_answer(gold, 4) == gold
     assert S.score_locomo_answer("psychology", gold, 3) == 1.0
-    # without the cut (category 4): pred {psycholog} vs gold {psycholog, counsel, certif}: P=1, R=1/3 -> 0.5
+    # without the cut (category 4): pred {psycholog} vs gold {psycholog, counsel, certif}:
+    # P=1, R=1/3 -> 0.5
     assert S.score_locomo_answer("psychology", gold, 4) == pytest.approx(0.5)
 
 
 def test_category_5_skipped_by_default_and_optional_rule():
     assert S.score_locomo_answer("Not mentioned in the conversation", "yes", 5) is None
-    assert S.score_locomo_answer("(a) Not mentioned in the conversation", "yes", 5, score_adversarial=True) == 1.0
-    assert S.score_locomo_answer("No information available", "yes", 5, score_adversarial=True) == 1.0
+    assert S.score_locomo_answer("(a) Not mentioned in the conversation", "yes", 5,
+                                 score_adversarial=True) == 1.0
+    assert S.score_locomo_answer("No information available", "yes", 5,
+                                 score_adversarial=True) == 1.0
     assert S.score_locomo_answer("(b) yes", "yes", 5, score_adversarial=True) == 0.0
 
 
@@ -124,7 +130,8 @@ def test_integer_gold():
 
 
 def test_postprocess_prediction():
-    assert S.postprocess_prediction("\n  \nAnswer: (a) Not mentioned\nsecond line") == "not mentioned"
+    assert (S.postprocess_prediction("\n  \nAnswer: (a) Not mentioned\nsecond line")
+            == "not mentioned")
     assert S.postprocess_prediction("B) 7 May 2023") == "7 may 2023"
     assert S.postprocess_prediction("answer:  (b)  Paris") == "paris"
     assert S.postprocess_prediction("") == ""
@@ -140,7 +147,8 @@ def test_aggregate_per_category_and_micro_overall():
     agg = S.aggregate_by_category(recs)
     assert agg["per_category"] == {1: 0.5, 2: 0.5, 4: pytest.approx(5 / 6)}
     assert agg["counts"] == {1: 2, 2: 1, 4: 3}
-    # micro: (1+0+0.5+1+1+0.5)/6 = 4/6 (a macro mean over categories would be (0.5+0.5+5/6)/3 = 11/18)
+    # micro: (1+0+0.5+1+1+0.5)/6 = 4/6
+    # (a macro mean over categories would be (0.5+0.5+5/6)/3 = 11/18)
     assert agg["overall"] == pytest.approx(4 / 6)
     assert agg["n"] == 6
     empty = S.aggregate_by_category([(5, None)])
@@ -156,7 +164,8 @@ def test_score_locomo_end_to_end_and_summary_row():
     assert out["scores"] == [pytest.approx(0.5), 1.0, 1.0, 0.0, None]
     assert out["overall"] == pytest.approx(2.5 / 4)
     row = S.locomo_summary_row(out)
-    assert list(row) == ["cat1_multi_hop", "cat2_temporal", "cat3_open_domain", "cat4_single_hop", "overall", "n"]
+    assert list(row) == ["cat1_multi_hop", "cat2_temporal", "cat3_open_domain", "cat4_single_hop",
+                         "overall", "n"]
     assert row["n"] == 4
     with_adv = S.score_locomo(["not mentioned"], ["x"], [5], score_adversarial=True)
     assert with_adv["per_category"] == {5: 1.0}

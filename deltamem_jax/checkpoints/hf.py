@@ -75,9 +75,11 @@ def tensor_map(config: DecoderConfig) -> list[Tensor]:
             Tensor(a + ("k_proj",), n + "self_attn.k_proj.weight", *in_out((d, nkv, hd))),
             Tensor(a + ("v_proj",), n + "self_attn.v_proj.weight", *in_out((d, nkv, hd))),
             Tensor(a + ("o_proj",), n + "self_attn.o_proj.weight", *out_in((nh, hd, d))),
-            Tensor(p + ("mlp", "gate_proj"), n + "mlp.gate_proj.weight", np.transpose, np.transpose),
+            Tensor(p + ("mlp", "gate_proj"), n + "mlp.gate_proj.weight",
+                   np.transpose, np.transpose),
             Tensor(p + ("mlp", "up_proj"), n + "mlp.up_proj.weight", np.transpose, np.transpose),
-            Tensor(p + ("mlp", "down_proj"), n + "mlp.down_proj.weight", np.transpose, np.transpose),
+            Tensor(p + ("mlp", "down_proj"), n + "mlp.down_proj.weight",
+                   np.transpose, np.transpose),
         ]
         if c.attention_bias:
             for x, heads in (("q", nh), ("k", nkv), ("v", nkv)):

@@ -58,7 +58,8 @@ __all__ = [
     "ROLES", "clean_records", "load_records", "normalise_record", "record_messages",
     "record_problem",
     "chat_sentence_ids", "content_sentence_ids", "split_sentences",
-    "SyntheticConfig", "chance_accuracy", "generate_conversation", "generate_split", "write_synthetic_dataset",
+    "SyntheticConfig", "chance_accuracy", "generate_conversation", "generate_split",
+    "write_synthetic_dataset",
     "ByteTokenizer", "ChatTokens", "HFTokenizer", "TemplateError", "Tokenizer", "load_tokenizer",
     "save_byte_tokenizer_marker",
 ]

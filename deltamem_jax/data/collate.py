@@ -31,7 +31,8 @@ def check_buckets(buckets: Sequence[int], name: str) -> tuple[int, ...]:
     """Validate bucket lengths: a non-empty, strictly increasing list of positive ints."""
     b = tuple(int(x) for x in buckets)
     if not b or b[0] < 1 or any(x >= y for x, y in zip(b[:-1], b[1:])):
-        raise ValueError(f"{name} must be a non-empty, strictly increasing list of positive ints, got {list(buckets)}")
+        raise ValueError(f"{name} must be a non-empty, strictly increasing list of positive ints, "
+                         f"got {list(buckets)}")
     return b
 
 
@@ -60,7 +61,8 @@ def bucket_length(longest: int, buckets: Sequence[int], name: str = "buckets") -
     for b in buckets:
         if b >= max(longest, 1):
             return b
-    raise ValueError(f"a row of length {longest} does not fit the largest of {name} {list(buckets)}")
+    raise ValueError(f"a row of length {longest} does not fit the largest of {name} "
+                     f"{list(buckets)}")
 
 
 def collate(
@@ -83,12 +85,14 @@ def collate(
         "labels": np.full((n, read_length), IGNORE_INDEX, np.int32),
         "has_write": np.zeros((n,), bool),
         "view": np.asarray([VIEW_CODES[v] for v in (views or ["memory"] * n)], np.int32),
-        "example_index": np.asarray(example_index if example_index is not None else [-1] * n, np.int32),
+        "example_index": np.asarray(example_index if example_index is not None else [-1] * n,
+                                    np.int32),
     }
     for r, ep in enumerate(episodes):
         lw, lr = ep.write_ids.shape[0], ep.read_ids.shape[0]
         if lw > write_length or lr > read_length:
-            raise ValueError(f"row {r} ({lw} write, {lr} read tokens) exceeds ({write_length}, {read_length})")
+            raise ValueError(f"row {r} ({lw} write, {lr} read tokens) exceeds "
+                             f"({write_length}, {read_length})")
         batch["write_ids"][r, :lw] = ep.write_ids
         batch["write_mask"][r, :lw] = 1
         batch["write_message_ids"][r, :lw] = ep.write_message_ids

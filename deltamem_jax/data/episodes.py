@@ -67,13 +67,16 @@ class EpisodeConfig:
             raise ValueError(f"EpisodeConfig.long_replies must be one of {LONG_REPLIES}, "
                              f"got {self.long_replies!r}")
         if self.targets not in ("final", "all"):
-            raise ValueError(f"EpisodeConfig.targets must be 'final' or 'all', got {self.targets!r}")
+            raise ValueError("EpisodeConfig.targets must be 'final' or 'all', "
+                             f"got {self.targets!r}")
         if self.max_length < 2:
             raise ValueError(f"EpisodeConfig.max_length must be ≥ 2, got {self.max_length}")
         if self.max_write_length < 1:
-            raise ValueError(f"EpisodeConfig.max_write_length must be ≥ 1, got {self.max_write_length}")
+            raise ValueError("EpisodeConfig.max_write_length must be ≥ 1, "
+                             f"got {self.max_write_length}")
         if self.recent_messages < 0:
-            raise ValueError(f"EpisodeConfig.recent_messages must be ≥ 0, got {self.recent_messages}")
+            raise ValueError("EpisodeConfig.recent_messages must be ≥ 0, "
+                             f"got {self.recent_messages}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -169,19 +172,22 @@ def build_episode(
     truncated = n_reply > config.max_length
     if truncated and config.long_replies == "skip":
         raise EpisodeError(
-            "reply_too_long", f"the reply has {n_reply} tokens, more than max_length={config.max_length}"
+            "reply_too_long",
+            f"the reply has {n_reply} tokens, more than max_length={config.max_length}",
         )
     labels = np.where(is_target, chat.ids, IGNORE_INDEX).astype(np.int32)
     keep = slice(max(0, len(chat) - config.max_length), None)
     read_ids, labels = chat.ids[keep].astype(np.int32), labels[keep]
     if not (labels[1:] != IGNORE_INDEX).any():
-        raise EpisodeError("no_supervised_token", "no reply token is left to predict after the one-token shift")
+        raise EpisodeError("no_supervised_token",
+                           "no reply token is left to predict after the one-token shift")
 
     if view == "no_memory" or not written:
         empty = np.zeros((0,), np.int32)
         return Episode(empty, empty, empty, read_ids, labels, truncated)
     w_ids, w_msg, w_sent = _write_segment(
-        tokenizer, [messages[i] for i in system + written], config.sentence_ids, config.max_write_length
+        tokenizer, [messages[i] for i in system + written], config.sentence_ids,
+        config.max_write_length,
     )
     return Episode(w_ids.astype(np.int32), w_msg, w_sent, read_ids, labels, truncated)
 
@@ -235,7 +241,8 @@ def build_episodes(
     counted per reason and skipped with one warning."""
     counts: collections.Counter = collections.Counter()
     records = list(records)
-    examples = [ep for r in records for ep in _record_episodes(tokenizer, r, config, (view,), counts)]
+    examples = [ep for r in records
+                for ep in _record_episodes(tokenizer, r, config, (view,), counts)]
     warn_skipped(counts, len(records), "build_episodes")
     _note_truncated(examples, config, "build_episodes")
     return [ep[view] for ep in examples]
@@ -259,7 +266,8 @@ class EpisodeSet:
     ):
         bad = [v for v in views if v not in VIEWS]
         if bad or not views:
-            raise ValueError(f"EpisodeSet: views must be a non-empty subset of {VIEWS}, got {tuple(views)}")
+            raise ValueError(f"EpisodeSet: views must be a non-empty subset of {VIEWS}, "
+                             f"got {tuple(views)}")
         self.config = config
         self.views = tuple(views)
         self.pad_id = tokenizer.pad_id
@@ -272,7 +280,8 @@ class EpisodeSet:
         warn_skipped(counts, len(records), "EpisodeSet")
         self.truncated = _note_truncated(self._examples, config, "EpisodeSet")
         if not self._examples:
-            raise ValueError(f"EpisodeSet: no usable episodes in {len(records)} records (skipped: {dict(counts)})")
+            raise ValueError(f"EpisodeSet: no usable episodes in {len(records)} records "
+                             f"(skipped: {dict(counts)})")
 
     def __len__(self) -> int:
         return len(self._examples)

@@ -73,24 +73,29 @@ class EpisodeLoader:
     ):
         if not hasattr(source, "episode"):
             if not callable(source) or num_examples is None:
-                raise ValueError("EpisodeLoader: source must have .episode(), or be a callable with num_examples")
+                raise ValueError("EpisodeLoader: source must have .episode(), "
+                                 "or be a callable with num_examples")
             source = _CallableSource(source, int(num_examples))
         self.source = source
         self.num_examples = len(source)
         self.pad_id = pad_id if pad_id is not None else getattr(source, "pad_id", None)
         if self.pad_id is None:
-            raise ValueError("EpisodeLoader: pad_id is required when the source does not define one")
+            raise ValueError("EpisodeLoader: pad_id is required when the source "
+                             "does not define one")
         self.global_batch_size = int(global_batch_size)
         if self.global_batch_size < 1:
             raise ValueError(f"global_batch_size must be ≥ 1, got {global_batch_size}")
         if not (process_count >= 1 and 0 <= process_index < process_count):
             raise ValueError(f"bad process_index/process_count {process_index}/{process_count}")
         if self.global_batch_size % process_count:
-            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}")
+            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
+                             f"process_count {process_count}")
         if self.num_examples < self.global_batch_size:
-            raise ValueError(f"only {self.num_examples} examples for a global batch of {self.global_batch_size}")
+            raise ValueError(f"only {self.num_examples} examples for a global batch of "
+                             f"{self.global_batch_size}")
         if not (0 <= p_state_only and 0 <= p_no_memory and p_state_only + p_no_memory <= 1):
-            raise ValueError(f"bad view probabilities p_state_only={p_state_only}, p_no_memory={p_no_memory}")
+            raise ValueError(f"bad view probabilities p_state_only={p_state_only}, "
+                             f"p_no_memory={p_no_memory}")
         views = getattr(source, "views", None)
         for v, p in (("state_only", p_state_only), ("no_memory", p_no_memory)):
             if p > 0 and views is not None and v not in views:
@@ -133,11 +138,14 @@ class EpisodeLoader:
         """This host's rows of global batch ``batch`` of ``epoch`` (random access)."""
         if not 0 <= batch < self.batches_per_epoch:
             raise IndexError(f"batch {batch} out of range [0, {self.batches_per_epoch})")
-        rows = self.order(epoch)[batch * self.global_batch_size : (batch + 1) * self.global_batch_size]
+        size = self.global_batch_size
+        rows = self.order(epoch)[batch * size : (batch + 1) * size]
         views = [self.view_of(epoch, i) for i in rows]
         episodes = [self.source.episode(int(i), v) for i, v in zip(rows, views)]
-        lw = bucket_length(max(e.write_ids.shape[0] for e in episodes), self.write_buckets, "write_buckets")
-        lr = bucket_length(max(e.read_ids.shape[0] for e in episodes), self.read_buckets, "read_buckets")
+        lw = bucket_length(max(e.write_ids.shape[0] for e in episodes), self.write_buckets,
+                           "write_buckets")
+        lr = bucket_length(max(e.read_ids.shape[0] for e in episodes), self.read_buckets,
+                           "read_buckets")
         per_host = self.global_batch_size // self.process_count
         local = slice(self.process_index * per_host, (self.process_index + 1) * per_host)
         return collate(episodes[local], self.pad_id, lw, lr, views[local], rows[local])
@@ -187,10 +195,13 @@ class EpisodeLoader:
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"unsupported loader state version {state.get('version')!r}")
         mine = self.state()
-        for key in ("seed", "global_batch_size", "num_examples", "p_state_only", "p_no_memory", "shuffle"):
+        for key in ("seed", "global_batch_size", "num_examples", "p_state_only", "p_no_memory",
+                    "shuffle"):
             if state.get(key) != mine[key]:
-                raise ValueError(f"loader state mismatch on {key!r}: saved {state.get(key)!r}, now {mine[key]!r}")
+                raise ValueError(f"loader state mismatch on {key!r}: saved {state.get(key)!r}, "
+                                 f"now {mine[key]!r}")
         epoch, batch = int(state["epoch"]), int(state["batch"])
         if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
-            raise ValueError(f"loader state position (epoch {epoch}, batch {batch}) is out of range")
+            raise ValueError(f"loader state position (epoch {epoch}, batch {batch}) "
+                             "is out of range")
         self._epoch, self._batch = epoch, batch

@@ -79,7 +79,8 @@ def warn_skipped(counts: collections.Counter, total: int, what: str) -> None:
     """Log ONE warning naming the skip counts (nothing if none were skipped)."""
     if counts:
         detail = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
-        log.warning("%s: skipped %d item(s) out of %d records: %s", what, sum(counts.values()), total, detail)
+        log.warning("%s: skipped %d item(s) out of %d records: %s", what, sum(counts.values()),
+                    total, detail)
 
 
 def clean_records(
@@ -141,7 +142,8 @@ def load_records(source: str | os.PathLike, split: str = "train") -> list[dict]:
 
             rows = list(datasets.load_dataset("parquet", data_files=src, split="train"))
         else:
-            raise ValueError(f"load_records: unsupported file type {src!r} (use .json, .jsonl or .parquet)")
+            raise ValueError(f"load_records: unsupported file type {src!r} "
+                             "(use .json, .jsonl or .parquet)")
     elif os.path.exists(src):
         raise ValueError(f"load_records: {src!r} is not a file")
     else:
@@ -150,7 +152,8 @@ def load_records(source: str | os.PathLike, split: str = "train") -> list[dict]:
         try:
             rows = list(datasets.load_dataset(src, split=split))
         except Exception as e:  # noqa: BLE001 - re-raised with context
-            raise ValueError(f"load_records: {src!r} is not a local file and could not be loaded from the hub: {e}") from e
+            raise ValueError(f"load_records: {src!r} is not a local file and could not be "
+                             f"loaded from the hub: {e}") from e
     kept, counts = clean_records(rows, warn=False)
     counts.update(pre)
     warn_skipped(counts, len(rows) + sum(pre.values()), f"load_records({src!r})")

@@ -32,7 +32,8 @@ def split_sentences(text: str) -> list[str]:
     return [text[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def content_sentence_ids(tokenizer: Tokenizer, content: str, first_id: int) -> tuple[np.ndarray, int]:
+def content_sentence_ids(tokenizer: Tokenizer, content: str,
+                         first_id: int) -> tuple[np.ndarray, int]:
     """Sentence ids of ``tokenizer.encode(content)`` and the next free id.
 
     If tokenizing the chunks one by one does not reproduce the whole content's

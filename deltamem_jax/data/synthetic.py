@@ -4,8 +4,9 @@ Each conversation: the user states a few facts (one per message, each
 acknowledged briefly), a few turns of unrelated small talk follow, then the
 user asks about ONE fact and the final assistant message is exactly the
 answer. There are 18 kinds of fact; answers are drawn uniformly from large
-pools (digit codes, ≥ 50 names, ≥ 50 cities, 30 colours), so without the history a model is near chance
-(:func:`chance_accuracy`). Conversations stay a few hundred characters long.
+pools (digit codes, ≥ 50 names, ≥ 50 cities, 30 colours), so without the
+history a model is near chance (:func:`chance_accuracy`). Conversations stay a
+few hundred characters long.
 """
 
 from __future__ import annotations
@@ -41,23 +42,32 @@ _COLOURS = (
 
 # kind -> (statement template, question, answer sampler)
 FACT_KINDS = {
-    "locker": ("My locker code is {}.", "What is my locker code?", lambda r: str(r.integers(1000, 10000))),
-    "pin": ("My bike lock PIN is {}.", "What is my bike lock PIN?", lambda r: str(r.integers(1000, 10000))),
-    "room": ("My hotel room is number {}.", "What is my hotel room number?", lambda r: str(r.integers(100, 1000))),
+    "locker": ("My locker code is {}.", "What is my locker code?",
+             lambda r: str(r.integers(1000, 10000))),
+    "pin": ("My bike lock PIN is {}.", "What is my bike lock PIN?",
+          lambda r: str(r.integers(1000, 10000))),
+    "room": ("My hotel room is number {}.", "What is my hotel room number?",
+           lambda r: str(r.integers(100, 1000))),
     "pet": ("My cat is called {}.", "What is my cat called?", lambda r: str(r.choice(_NAMES))),
     "friend": ("My best friend is {}.", "Who is my best friend?", lambda r: str(r.choice(_NAMES))),
-    "sister": ("My sister's name is {}.", "What is my sister's name?", lambda r: str(r.choice(_NAMES))),
+    "sister": ("My sister's name is {}.", "What is my sister's name?",
+             lambda r: str(r.choice(_NAMES))),
     "born": ("I was born in {}.", "Where was I born?", lambda r: str(r.choice(_CITIES))),
-    "trip": ("Next month I fly to {}.", "Where do I fly next month?", lambda r: str(r.choice(_CITIES))),
-    "colour": ("My favourite colour is {}.", "What is my favourite colour?", lambda r: str(r.choice(_COLOURS))),
+    "trip": ("Next month I fly to {}.", "Where do I fly next month?",
+           lambda r: str(r.choice(_CITIES))),
+    "colour": ("My favourite colour is {}.", "What is my favourite colour?",
+             lambda r: str(r.choice(_COLOURS))),
     "dog": ("My dog is called {}.", "What is my dog called?", lambda r: str(r.choice(_NAMES))),
-    "brother": ("My brother's name is {}.", "What is my brother's name?", lambda r: str(r.choice(_NAMES))),
+    "brother": ("My brother's name is {}.", "What is my brother's name?",
+              lambda r: str(r.choice(_NAMES))),
     "boss": ("My boss is {}.", "Who is my boss?", lambda r: str(r.choice(_NAMES))),
     "home": ("I live in {}.", "Where do I live?", lambda r: str(r.choice(_CITIES))),
     "office": ("My office is in {}.", "Where is my office?", lambda r: str(r.choice(_CITIES))),
     "car": ("My car is {}.", "What colour is my car?", lambda r: str(r.choice(_COLOURS))),
-    "flight": ("My flight number is {}.", "What is my flight number?", lambda r: str(r.integers(100, 1000))),
-    "desk": ("My desk number is {}.", "What is my desk number?", lambda r: str(r.integers(10, 100))),
+    "flight": ("My flight number is {}.", "What is my flight number?",
+             lambda r: str(r.integers(100, 1000))),
+    "desk": ("My desk number is {}.", "What is my desk number?",
+           lambda r: str(r.integers(10, 100))),
     "zip": ("My zip code is {}.", "What is my zip code?", lambda r: str(r.integers(10000, 100000))),
 }
 # The same facts restated as a reply ("sentence" answers): the reply's first words
@@ -109,10 +119,12 @@ class SyntheticConfig:
         if not 0 <= lo <= hi:
             raise ValueError(f"bad filler_turns range {self.filler_turns}")
         if self.answer_style not in ("value", "sentence"):
-            raise ValueError(f"answer_style must be 'value' or 'sentence', got {self.answer_style!r}")
+            raise ValueError("answer_style must be 'value' or 'sentence', "
+                             f"got {self.answer_style!r}")
 
 
-def generate_conversation(rng: np.random.Generator, config: SyntheticConfig = SyntheticConfig()) -> dict:
+def generate_conversation(rng: np.random.Generator,
+                          config: SyntheticConfig = SyntheticConfig()) -> dict:
     """One conversation record ``{"messages": [...]}``."""
     n_facts = int(rng.integers(config.facts[0], config.facts[1] + 1))
     n_filler = int(rng.integers(config.filler_turns[0], config.filler_turns[1] + 1))
@@ -145,7 +157,8 @@ def generate_split(n: int, split: str, config: SyntheticConfig = SyntheticConfig
     return [generate_conversation(rng, config) for _ in range(n)]
 
 
-def write_synthetic_dataset(out_dir: str | os.PathLike, config: SyntheticConfig = SyntheticConfig()) -> dict[str, str]:
+def write_synthetic_dataset(out_dir: str | os.PathLike,
+                            config: SyntheticConfig = SyntheticConfig()) -> dict[str, str]:
     """Write ``train.jsonl``, ``validation.jsonl``, ``test.jsonl``; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     sizes = {"train": config.n_train, "validation": config.n_validation, "test": config.n_test}

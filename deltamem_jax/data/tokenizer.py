@@ -151,7 +151,8 @@ class ByteTokenizer(Tokenizer):
         for i, m in enumerate(messages):
             role = m["role"]
             if role not in self.ROLE_IDS:
-                raise ValueError(f"ByteTokenizer: unknown role {role!r} (expected one of {sorted(self.ROLE_IDS)})")
+                raise ValueError(f"ByteTokenizer: unknown role {role!r} "
+                                 f"(expected one of {sorted(self.ROLE_IDS)})")
             content = self.encode(m["content"])
             ids.append(self.ROLE_IDS[role])
             spans.append((len(ids), len(ids) + len(content)))
@@ -220,7 +221,8 @@ class HFTokenizer(Tokenizer):
         eos = tok.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos
         if pad is None:
-            raise ValueError(f"HFTokenizer: the tokenizer in {path!r} has neither a pad nor an eos token")
+            raise ValueError(f"HFTokenizer: the tokenizer in {path!r} has neither a pad "
+                             "nor an eos token")
         self.pad_id = int(pad)
         self.eos_id = int(eos) if eos is not None else self.pad_id
         self.bos_id = tok.bos_token_id
@@ -247,7 +249,8 @@ class HFTokenizer(Tokenizer):
         )
         return self.encode(text)
 
-    def _extend(self, ids: list[int], owner: list[int], new: list[int], who: int, what: str) -> None:
+    def _extend(self, ids: list[int], owner: list[int], new: list[int], who: int,
+                what: str) -> None:
         common = 0
         limit = min(len(ids), len(new))
         while common < limit and ids[common] == new[common]:

@@ -51,7 +51,8 @@ class RecallTask(Task):
         common = dict(batch_size=s.batch_size, max_new_tokens=self.decoding.max_new_tokens)
         if setting == "delta_mem":
             states = write_memory(em.runner, [e["write"] for e in ex],
-                                  max_write_length=s.data.write_pass_length or s.data.max_write_length,
+                                  max_write_length=(s.data.write_pass_length
+                                                    or s.data.max_write_length),
                                   batch_size=s.batch_size)
             preds = generate_texts(em.runner, em.tokenizer, [e["short_prompt"] for e in ex],
                                    memory_state=states, use_memory=True,
@@ -74,7 +75,8 @@ class RecallTask(Task):
     def render(self, item, setting):
         e = self.examples[int(item)] if item.isdigit() else None
         if e is None:
-            raise ValueError(f"print_prompt: give a usable record number (0..{len(self.examples) - 1})")
+            raise ValueError("print_prompt: give a usable record number "
+                             f"(0..{len(self.examples) - 1})")
         tok = self.em.tokenizer
         parts = []
         if setting == "delta_mem":

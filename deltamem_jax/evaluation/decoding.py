@@ -77,7 +77,8 @@ def _pick(logits, keys, step, d: Decoding):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     warped = warp_logits(logits, d)
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
-    return jax.vmap(lambda k, lg: jax.random.categorical(k, lg))(step_keys, warped).astype(jnp.int32)
+    sample = jax.vmap(lambda k, lg: jax.random.categorical(k, lg))
+    return sample(step_keys, warped).astype(jnp.int32)
 
 
 def row_keys(seeds: Sequence[int]) -> jax.Array:

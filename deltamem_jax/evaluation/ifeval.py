@@ -58,7 +58,8 @@ _LATIN_STOPWORDS = {
     "vi": {"la", "va", "cua", "mot", "nhung", "cac", "cho", "khong", "duoc", "voi", "trong"},
 }
 _ARABIC_HINTS = (("ur", set("ٹڈڑںھہے")), ("fa", set("گچپژکۍیە")))
-_DEVANAGARI_HINTS = (("mr", ("आहे", "आणि", "नाही", "हे", "एक")), ("ne", ("छ", "र", "को", "मा", "यो", "हो")),
+_DEVANAGARI_HINTS = (("mr", ("आहे", "आणि", "नाही", "हे", "एक")),
+                     ("ne", ("छ", "र", "को", "मा", "यो", "हो")),
                      ("hi", ("है", "और", "नहीं", "यह", "एक")))
 _CYRILLIC_HINTS = {"bg": {"и", "в", "не", "се", "за", "че", "с", "на"},
                    "ru": {"и", "в", "не", "что", "это", "на", "я", "с"}}
@@ -93,7 +94,8 @@ def detect_language(text: str) -> str:
     tokens = _WORD.findall(t.lower().translate(_FOLD))
     if not tokens:
         return "en"
-    scores = {lang: sum(1 for x in tokens if x in words) for lang, words in _LATIN_STOPWORDS.items()}
+    scores = {lang: sum(1 for x in tokens if x in words)
+              for lang, words in _LATIN_STOPWORDS.items()}
     lang, score = max(scores.items(), key=lambda kv: kv[1])
     return lang if score > 0 else "en"
 

@@ -175,7 +175,8 @@ def parse_locomo_sample(sample: Any, position: int | None = None) -> LocomoConve
                 raise ctx.fail(base, f"must be an object, got {type(raw).__name__}")
             caption = raw.get("blip_caption")
             if caption is not None and not isinstance(caption, str):
-                raise ctx.fail(f"{base}.blip_caption", f"must be a string, got {type(caption).__name__}")
+                raise ctx.fail(f"{base}.blip_caption",
+                               f"must be a string, got {type(caption).__name__}")
             turns.append(
                 Turn(
                     speaker=_require(raw, "speaker", str, ctx, f"{base}.speaker"),
@@ -252,7 +253,8 @@ def load_locomo(
     except json.JSONDecodeError as exc:
         raise LocomoFormatError(f"LoCoMo file {p} is not valid JSON: {exc}") from exc
     if not isinstance(data, list):
-        raise LocomoFormatError(f"LoCoMo file {p}: top level must be a list of samples, got {type(data).__name__}")
+        raise LocomoFormatError(f"LoCoMo file {p}: top level must be a list of samples, "
+                                f"got {type(data).__name__}")
     for name, v in (("max_conversations", max_conversations),
                     ("max_questions_per_conversation", max_questions_per_conversation)):
         if v is not None and v < 0:
@@ -359,5 +361,7 @@ def full_context_messages(
     msgs: list[dict[str, str]] = []
     if system_prompt:
         msgs.append({"role": "system", "content": system_prompt})
-    msgs.append({"role": "user", "content": full_context_prompt(conversation, question, category=category, order=order)})
+    msgs.append({"role": "user",
+                 "content": full_context_prompt(conversation, question, category=category,
+                                                order=order)})
     return msgs

@@ -101,7 +101,8 @@ def context_text(conversation: LocomoConversation, qa_prompt: str, count: Callab
                  budget: int | None) -> str:
     """Preamble + sessions latest first, within ``budget`` tokens (None = no limit)."""
     start = CONV_START_PROMPT.format(*conversation.speakers)
-    start_tokens, question_tokens = (count(start), count(qa_prompt)) if budget is not None else (0, 0)
+    start_tokens, question_tokens = ((count(start), count(qa_prompt)) if budget is not None
+                                     else (0, 0))
     conv, total, stop = "", 0, False
     for session in conversation.sessions:
         header_text = f"DATE: {session.date_time}\nCONVERSATION:\n"

@@ -101,14 +101,16 @@ def setting_messages(tokenizer: Tokenizer, conversation: L.LocomoConversation,
     """(prompt messages, messages written into memory first or None) of one question under
     ``setting``, exactly as :func:`evaluate_locomo` builds them (for ``print_prompt``)."""
     if setting == "no_memory":
-        return _system(system_prompt) + [{"role": "user", "content": L.question_prompt(question)}], None
+        return (_system(system_prompt)
+                + [{"role": "user", "content": L.question_prompt(question)}]), None
     if setting == "delta_mem":
         recent = ""
         if recent_window_tokens:
             ids = tokenizer.encode(L.render_conversation(conversation, order="chronological"))
             recent = tokenizer.decode(ids[-recent_window_tokens:]).strip() + "\n\n"
         written = _system(system_prompt) + L.session_messages(conversation)
-        return _system(system_prompt) + [{"role": "user", "content": recent + L.question_prompt(question)}], written
+        return (_system(system_prompt)
+                + [{"role": "user", "content": recent + L.question_prompt(question)}]), written
     if setting == "full_context":
         if max_context_tokens is not None:
             conversation = fit_full_context(tokenizer, conversation, [question], max_context_tokens,
@@ -117,7 +119,8 @@ def setting_messages(tokenizer: Tokenizer, conversation: L.LocomoConversation,
     raise ValueError(f"memory_only LoCoMo has no setting {setting!r} (settings: {SETTINGS})")
 
 
-def evaluate_locomo(runner: Runner, tokenizer: Tokenizer, conversations: Sequence[L.LocomoConversation],
+def evaluate_locomo(runner: Runner, tokenizer: Tokenizer,
+                    conversations: Sequence[L.LocomoConversation],
                     *, settings: Sequence[str] = SETTINGS, batch_size: int = 8,
                     max_new_tokens: int = 32, max_questions: int | None = None,
                     categories: Sequence[int] | None = LOCOMO_SCORED_CATEGORIES,
@@ -197,11 +200,13 @@ def evaluate_locomo(runner: Runner, tokenizer: Tokenizer, conversations: Sequenc
                 else:
                     fitted = fit_full_context(tokenizer, conv, qs, max_context_tokens,
                                               system_prompt=system_prompt, order=order)
-                    prompts = [render_prompt(tokenizer, _full_messages(fitted, q, system_prompt, order),
+                    prompts = [render_prompt(tokenizer,
+                                             _full_messages(fitted, q, system_prompt, order),
                                              max_context_tokens) for q in qs]
                 texts = generate_texts(
-                    runner, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                    memory_state=mem, use_memory=setting == "delta_mem",
+                    runner, tokenizer, prompts, batch_size=batch_size,
+                    max_new_tokens=max_new_tokens, memory_state=mem,
+                    use_memory=setting == "delta_mem",
                     write=write_during_read and setting == "delta_mem", min_bucket=min_bucket,
                     on_batch=bar.update)
                 for t in texts:
@@ -222,5 +227,6 @@ def evaluate_locomo(runner: Runner, tokenizer: Tokenizer, conversations: Sequenc
 
 
 def to_report_rows(result: dict) -> dict:
-    """``{setting: {"cat1_multi_hop": f1, …, "overall": f1, "n": n}}`` for :func:`report.write_report`."""
+    """``{setting: {"cat1_multi_hop": f1, …, "overall": f1, "n": n}}`` for
+    :func:`report.write_report`."""
     return {s: locomo_summary_row(agg) for s, agg in result["per_setting"].items()}

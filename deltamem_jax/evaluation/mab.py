@@ -237,7 +237,8 @@ class MABTask(SinglePromptTask):
         # rows with one question and rows with several take different write paths
         out = [None] * len(indices)
         for single in (True, False):
-            sub = [j for j, i in enumerate(indices) if (self.items[i]["row_questions"] == 1) == single]
+            sub = [j for j, i in enumerate(indices)
+                   if (self.items[i]["row_questions"] == 1) == single]
             if sub:
                 for j, rec in zip(sub, super().run_batch(setting, [indices[j] for j in sub])):
                     out[j] = rec

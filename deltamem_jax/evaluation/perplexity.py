@@ -110,8 +110,8 @@ def evaluate_perplexity(runner: Runner, tokenizer: Tokenizer, records: Iterable[
                         segs = [WriteSegment(e.write_ids, e.write_message_ids, e.write_sentence_ids)
                                 for e in eps]
                         state = write_memory(runner, fill_batch(segs, batch_size),
-                                             max_write_length=max_write_length, batch_size=batch_size,
-                                             min_bucket=min_bucket)
+                                             max_write_length=max_write_length,
+                                             batch_size=batch_size, min_bucket=min_bucket)
                     nll, cnt = nll_sums(runner, ids, mask, labels, memory_state=state,
                                         use_memory=has_memory(runner))
                 per[s].extend((where[i], float(a), int(b)) for i, a, b in

@@ -113,7 +113,8 @@ def pad_rows(rows: Sequence[np.ndarray], length: int, pad_value: int,
 def render_prompt(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]],
                   max_length: int | None = None) -> np.ndarray:
     """Token ids of ``messages`` + the generation prompt, keeping the last ``max_length``."""
-    ids = np.asarray(tokenizer.render_chat(list(messages), add_generation_prompt=True).ids, np.int32)
+    ids = np.asarray(tokenizer.render_chat(list(messages), add_generation_prompt=True).ids,
+                     np.int32)
     if max_length is not None and len(ids) > max_length:
         ids = ids[len(ids) - max_length:]
     if len(ids) == 0:
@@ -310,7 +311,8 @@ def generate_texts(runner: Runner, tokenizer: Tokenizer, prompts: Sequence[np.nd
     ``min_bucket``) and batches filled to ``batch_size``, so the compiled shapes are few.
     """
     if memory_state is not None and memory_state.shape[1] != len(prompts):
-        raise ValueError(f"memory_state holds {memory_state.shape[1]} rows for {len(prompts)} prompts")
+        raise ValueError(f"memory_state holds {memory_state.shape[1]} rows "
+                         f"for {len(prompts)} prompts")
     use_memory = bool(use_memory and has_memory(runner))
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     stops = tuple(int(s) for s in tokenizer.stop_ids)

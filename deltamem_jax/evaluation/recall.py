@@ -59,7 +59,8 @@ def prepare_recall(tokenizer: Tokenizer, records: Iterable[Any], *, max_write_le
     ``full_prompt`` and ``write`` (the episode's :class:`WriteSegment`)."""
     if max_context_length is None:
         max_context_length = max_write_length + max_length
-    # the read segment is not used here: a huge max_length keeps build_episode from rejecting long replies
+    # the read segment is not used here: a huge max_length keeps build_episode from
+    # rejecting long replies
     cfg = EpisodeConfig(max_length=1 << 30, max_write_length=max_write_length,
                         recent_messages=recent_messages, sentence_ids=sentence_ids)
     def build(index, rec):
@@ -110,14 +111,16 @@ def evaluate_recall(runner: Runner, tokenizer: Tokenizer, records: Iterable[Any]
         sentence_ids=span == "sentence_mean")
     n = len(examples)
     preds: dict[str, list[str]] = {}
-    bar = progress_bar(n * len(settings) + (n if "delta_mem" in settings else 0), "recall", progress)
+    bar = progress_bar(n * len(settings) + (n if "delta_mem" in settings else 0), "recall",
+                       progress)
     common = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, min_bucket=min_bucket,
                   on_batch=bar.update)
     try:
         if "no_memory" in settings:
             bar.set_description("recall no_memory")
             preds["no_memory"] = generate_texts(
-                runner, tokenizer, [e["short_prompt"] for e in examples], use_memory=False, **common)
+                runner, tokenizer, [e["short_prompt"] for e in examples], use_memory=False,
+                **common)
         if "delta_mem" in settings:
             bar.set_description("recall delta_mem (write)")
             states = write_memory(runner, [e["write"] for e in examples],
@@ -143,7 +146,8 @@ def evaluate_recall(runner: Runner, tokenizer: Tokenizer, records: Iterable[Any]
             row["exact_match"][s] = exact_match(p, row["reference"])
             row["f1"][s] = token_f1(p, row["reference"])
         per_setting[s] = {
-            "exact_match": float(np.mean([r["exact_match"][s] for r in rows])) if n else float("nan"),
+            "exact_match": (float(np.mean([r["exact_match"][s] for r in rows])) if n
+                            else float("nan")),
             "f1": float(np.mean([r["f1"][s] for r in rows])) if n else float("nan"),
             "n": n,
         }

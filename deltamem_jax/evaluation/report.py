@@ -21,7 +21,7 @@ import numbers
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from deltamem_jax.utils.atomic import atomic_write_bytes, atomic_write_text
 
@@ -38,7 +38,7 @@ __all__ = [
     "write_report",
 ]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 # --------------------------------------------------------------------------
@@ -102,7 +102,8 @@ def _rows(results: Mapping[str, Mapping]) -> dict[str, dict[str, Any]]:
     rows = {}
     for setting, metrics in results.items():
         if not isinstance(metrics, Mapping):
-            raise TypeError(f"results[{setting!r}] must be a mapping of metrics, got {type(metrics).__name__}")
+            raise TypeError(f"results[{setting!r}] must be a mapping of metrics, "
+                            f"got {type(metrics).__name__}")
         rows[str(setting)] = flatten_metrics(metrics)
     return rows
 
@@ -207,7 +208,8 @@ def bar_chart_png(
             ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()),
                         ha="center", va="bottom", fontsize=7)
     ax.set_xticks(list(range(len(cols))))
-    ax.set_xticklabels(cols, rotation=20 if len(cols) > 4 else 0, ha="right" if len(cols) > 4 else "center")
+    ax.set_xticklabels(cols, rotation=20 if len(cols) > 4 else 0,
+                       ha="right" if len(cols) > 4 else "center")
     if ylabel:
         ax.set_ylabel(ylabel)
     if title:

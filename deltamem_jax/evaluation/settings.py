@@ -289,7 +289,8 @@ def resolve(config: ml_collections.ConfigDict, *, need_model: bool = True,
     _positive("memory_agent_bench.default_max_new_tokens", mab.default_max_new_tokens)
     _positive("memory_agent_bench.context_window", mab.context_window, zero_ok=True)
     dist = c.distributed
-    if dist.initialize and dist.coordinator_address and not 0 <= dist.process_id < dist.num_processes:
+    if (dist.initialize and dist.coordinator_address
+            and not 0 <= dist.process_id < dist.num_processes):
         _fail("distributed.process_id", f"{dist.process_id} not in [0, {dist.num_processes})")
     if c.print_prompt and c.task == "locomo" and ":" not in c.print_prompt:
         _fail("print_prompt", f"LoCoMo items are CONV:QA (sample id or conversation index, and "

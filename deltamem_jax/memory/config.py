@@ -162,7 +162,8 @@ class DeltaMemConfig:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
         _check(all(h in DELTA_HEADS for h in heads),
                f"delta_heads {heads} may only contain {DELTA_HEADS}")
-        _check(_is_int(self.rank) and self.rank >= 1, f"rank must be a positive int, got {self.rank!r}")
+        _check(_is_int(self.rank) and self.rank >= 1,
+               f"rank must be a positive int, got {self.rank!r}")
         _check(_is_int(self.num_state_heads) and self.num_state_heads >= 1,
                f"num_state_heads must be a positive int, got {self.num_state_heads!r}")
         _check(self.alpha > 0, f"alpha must be > 0, got {self.alpha!r}")
@@ -184,7 +185,8 @@ class DeltaMemConfig:
                f"{DELTA_SCALE_GRANULARITIES}")
         _check(self.target_modules == ("self_attn",),
                f"target_modules {self.target_modules} is not supported; only ('self_attn',)")
-        _check(self.scan_method in METHODS, f"scan_method {self.scan_method!r} is not one of {METHODS}")
+        _check(self.scan_method in METHODS,
+               f"scan_method {self.scan_method!r} is not one of {METHODS}")
         _check(_is_int(self.chunk_size) and self.chunk_size >= 1,
                f"chunk_size must be a positive int, got {self.chunk_size!r}")
         _check(self.max_spans is None or (_is_int(self.max_spans) and self.max_spans >= 1),

@@ -110,7 +110,8 @@ class DeltaMemory(nnx.Module):
         self.beta_proj = _param(jnp.zeros((d, g), param_dtype), "memory_embed", "memory_gates")
         self.beta_bias = _param(jnp.full((g,), config.beta_bias_init, param_dtype), "memory_gates")
         if not config.couple_lambda:
-            self.lambda_proj = _param(jnp.zeros((d, g), param_dtype), "memory_embed", "memory_gates")
+            self.lambda_proj = _param(jnp.zeros((d, g), param_dtype), "memory_embed",
+                                      "memory_gates")
             self.lambda_bias = _param(jnp.full((g,), -config.beta_bias_init, param_dtype),
                                       "memory_gates")
         for head in config.delta_heads:

@@ -52,8 +52,8 @@ def attention(q, k, v, key_mask, query_slots, key_slots, groups: int, *, impl: s
     q ``[B, T, nh, hd]``; k, v ``[B, S, nkv, hd]`` (``nh = groups · nkv``);
     key_mask ``[B, S]``; query_slots ``[T]``, key_slots ``[S]`` (non-decreasing).
     ``impl``: one of :data:`IMPLEMENTATIONS`. ``chunk`` > 0 processes queries in
-    blocks of that size (``xla``; ``blocked``: query and key blocks). ``prefill``: the keys are these
-    queries' own (no cache: S = T, slots 0..T-1), which the fused kernels need.
+    blocks of that size (``xla``; ``blocked``: query and key blocks). ``prefill``: the keys
+    are these queries' own (no cache: S = T, slots 0..T-1), which the fused kernels need.
     """
     impl = resolve_impl(impl, dtype=q.dtype, head_dim=q.shape[-1], prefill=prefill)
     if impl == "xla":
@@ -279,7 +279,7 @@ def _blocked_fwd(q, k, v, key_mask, query_slots, key_slots, groups, bq, bk):
 
         def visit(causal):
             def body(j, carry):
-                m, l, acc = carry
+                m, denom, acc = carry
                 kb, vb, k_slots, usable = keys.block(j)
                 s = _pair_scores(qi, slots_i, kb, k_slots, usable, groups, causal)
                 m_new = jnp.maximum(m, s.max(axis=-1))
@@ -288,7 +288,7 @@ def _blocked_fwd(q, k, v, key_mask, query_slots, key_slots, groups, bq, bk):
                 alpha = jnp.exp(m - m_use)
                 pv = jnp.einsum("bkms,bksh->bkmh", p.astype(vb.dtype), vb,
                                 preferred_element_type=jnp.float32)
-                return m_new, l * alpha + p.sum(axis=-1), acc * alpha[..., None] + pv
+                return m_new, denom * alpha + p.sum(axis=-1), acc * alpha[..., None] + pv
             return body
 
         shape = qi.shape[:-1]
@@ -296,10 +296,11 @@ def _blocked_fwd(q, k, v, key_mask, query_slots, key_slots, groups, bq, bk):
                 jnp.zeros(qi.shape, jnp.float32))
         inner = jnp.minimum(keys.interior(slots_i[0]), n_i)
         carry = jax.lax.fori_loop(0, inner, visit(False), init)
-        m, l, acc = jax.lax.fori_loop(inner, n_i, visit(True), carry)
-        seen = l > 0
-        out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
-        lse = jnp.where(seen, jnp.where(m == -jnp.inf, 0.0, m) + jnp.log(jnp.where(seen, l, 1.0)),
+        m, denom, acc = jax.lax.fori_loop(inner, n_i, visit(True), carry)
+        seen = denom > 0
+        out = jnp.where(seen[..., None], acc / jnp.where(seen, denom, 1.0)[..., None], 0.0)
+        lse = jnp.where(seen,
+                        jnp.where(m == -jnp.inf, 0.0, m) + jnp.log(jnp.where(seen, denom, 1.0)),
                         jnp.inf)
         return out, lse
 

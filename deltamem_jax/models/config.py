@@ -166,7 +166,8 @@ class DecoderConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A transformers-5 ``config.json`` dict for this architecture."""
-        rope = {"rope_theta": self.rope_theta, "rope_type": self.rope_type, **dict(self.rope_scaling)}
+        rope = {"rope_theta": self.rope_theta, "rope_type": self.rope_type,
+                **dict(self.rope_scaling)}
         out = {
             "architectures": [_ARCHITECTURES[self.model_type]],
             "model_type": self.model_type,

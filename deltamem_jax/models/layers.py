@@ -156,8 +156,10 @@ class Attention(nnx.Module):
         cache_k, cache_v, key_mask, query_slots, key_slots, index = kv
         new_kv = None
         if cache_k is not None:
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype),
+                                                   (0, index, 0, 0))
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype),
+                                                   (0, index, 0, 0))
             new_kv = (cache_k, cache_v)
             k, v = cache_k.astype(dt), cache_v.astype(dt)
         out = attention(q, k, v, key_mask, query_slots, key_slots, self.groups,

@@ -13,7 +13,8 @@ from deltamem_jax.models.config import DecoderConfig
 def inverse_frequencies(config: DecoderConfig) -> np.ndarray:
     """Per-pair inverse frequencies ``[head_dim // 2]`` (float32), as transformers computes them."""
     dim = config.head_dim
-    inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    inv = 1.0 / (config.rope_theta
+                 ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
     inv = inv.astype(np.float32)
     params = dict(config.rope_scaling)
     if config.rope_type == "linear":

@@ -24,12 +24,12 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_file", "append_lines",
-           "atomic_directory", "fsync_dir"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_file",
+           "append_lines", "atomic_directory", "fsync_dir"]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def fsync_dir(path: PathLike) -> None:
@@ -47,7 +47,8 @@ def fsync_dir(path: PathLike) -> None:
 
 
 def _clean_stale(path: Path) -> None:
-    for stale in glob.glob(os.path.join(glob.escape(str(path.parent)), f".{glob.escape(path.name)}.*.tmp")):
+    pattern = os.path.join(glob.escape(str(path.parent)), f".{glob.escape(path.name)}.*.tmp")
+    for stale in glob.glob(pattern):
         try:
             os.unlink(stale)
         except OSError:

@@ -118,7 +118,8 @@ def parity(runner: Runner, authors: Authors, workdir: str, vocab: int, T: int = 
     theirs = np.load(out_file)
     out = runner(jnp.asarray(ids), write=True)
     ours_states = np.asarray(out.memory_state)[:, :, 0]          # one state head
-    return {"T": T, "logits_max_abs": float(np.abs(np.asarray(out.logits) - theirs["logits"]).max()),
+    return {"T": T,
+            "logits_max_abs": float(np.abs(np.asarray(out.logits) - theirs["logits"]).max()),
             "states_max_abs": float(np.abs(ours_states - theirs["states"]).max()),
             "logits_max": float(np.abs(theirs["logits"]).max())}
 
