@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deltamem_jax.inference.generation import decode_loop
 from deltamem_jax.models.cache import KVCache
 from deltamem_jax.models.functional import Runner
 
@@ -147,27 +148,11 @@ def decode(runner: Runner, logits, cache: KVCache, memory_state, keys, *, decodi
 def _decode(graphdef, state, logits, memory_state, cache, keys, *, decoding, eos, pad_id, write,
             use_memory):
     model = nnx.merge(graphdef, state)
-    B = logits.shape[0]
-    n = decoding.max_new_tokens
-    eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
 
-    def cond(carry):
-        step, _, done, *_ = carry
-        return (step < n) & ~jnp.all(done)
+    def pick(logits, step, rng):
+        return _pick(logits, keys, step, decoding), rng
 
-    def body(carry):
-        step, tokens, done, lengths, logits, mem, cache = carry
-        token = _pick(logits, keys, step, decoding)
-        is_eos = jnp.isin(token, eos_arr)
-        live = ~done & ~is_eos
-        tokens = tokens.at[:, step].set(jnp.where(done, pad_id, token))
-        lengths = lengths + live
-        done = done | is_eos
-        fed = model(jnp.where(live, token, pad_id)[:, None], attention_mask=live[:, None],
-                    memory_state=mem, cache=cache, write=write, use_memory=use_memory)
-        return step + 1, tokens, done, lengths, fed.logits[:, -1], fed.memory_state, fed.cache
-
-    carry = (jnp.zeros((), jnp.int32), jnp.full((B, n), pad_id, jnp.int32),
-             jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32), logits, memory_state, cache)
-    _, tokens, _, lengths, *_ = jax.lax.while_loop(cond, body, carry)
+    tokens, lengths, _, _ = decode_loop(
+        model, logits, memory_state, cache, jnp.zeros((), jnp.uint32), pick,
+        n=decoding.max_new_tokens, eos=eos, pad_id=pad_id, write=write, use_memory=use_memory)
     return tokens, lengths

@@ -136,7 +136,26 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, memory_state, cache, rng
     # last real token per row (right padding) or the last slot (left padding)
     last = jnp.where(prompt_mask[:, -1], prompt_mask.shape[1] - 1, last)
     logits = out.logits[jnp.arange(B), last]
-    n = sampling.max_new_tokens
+
+    def pick(logits, step, rng):
+        rng, key = jax.random.split(rng)
+        return sample_logits(logits, key, sampling), rng
+
+    tokens, lengths, mem, cache = decode_loop(
+        model, logits, out.memory_state, out.cache, rng, pick, n=sampling.max_new_tokens,
+        eos=eos, pad_id=pad_id, write=write, use_memory=use_memory)
+    return Generation(tokens, lengths, mem, cache)
+
+
+def decode_loop(model, logits, memory_state, cache, rng, pick, *, n: int, eos: Sequence[int],
+                pad_id: int, write: bool, use_memory: bool):
+    """Up to ``n`` tokens per row from the next-token ``logits`` ``[B, V]``, in one
+    ``lax.while_loop`` (call it inside ``jit``): ``pick(logits, step, rng) -> (tokens [B],
+    rng)`` chooses each token; every live token is fed back (read, and written when
+    ``write``); a row stops at a token in ``eos``, the loop when every row has stopped.
+    Returns ``(tokens [B, n] padded with pad_id, lengths [B] without EOS, memory_state,
+    cache)``."""
+    B = logits.shape[0]
     eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
 
     def cond(carry):
@@ -145,8 +164,7 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, memory_state, cache, rng
 
     def body(carry):
         step, tokens, done, lengths, logits, mem, cache, rng = carry
-        rng, key = jax.random.split(rng)
-        token = sample_logits(logits, key, sampling)
+        token, rng = pick(logits, step, rng)
         is_eos = jnp.isin(token, eos_arr)
         live = ~done & ~is_eos
         tokens = tokens.at[:, step].set(jnp.where(done, pad_id, token))
@@ -157,7 +175,6 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, memory_state, cache, rng
         return step + 1, tokens, done, lengths, fed.logits[:, -1], fed.memory_state, fed.cache, rng
 
     carry = (jnp.zeros((), jnp.int32), jnp.full((B, n), pad_id, jnp.int32),
-             jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32), logits, out.memory_state,
-             out.cache, rng)
+             jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32), logits, memory_state, cache, rng)
     _, tokens, _, lengths, _, mem, cache, _ = jax.lax.while_loop(cond, body, carry)
-    return Generation(tokens, lengths, mem, cache)
+    return tokens, lengths, mem, cache
