@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deltamem_jax.data.collate import MIN_BUCKET, power_of_two_bucket
 from deltamem_jax.data.sentences import chat_sentence_ids
 from deltamem_jax.data.tokenizer import Tokenizer
 from deltamem_jax.inference.generation import SamplingConfig, generate
@@ -51,20 +52,12 @@ __all__ = [
 
 #: The evaluation settings: history dropped / history written into δ-mem / history in the prompt.
 SETTINGS = ("no_memory", "delta_mem", "full_context")
-MIN_BUCKET = 16
 
 
 # --------------------------------------------------------------------------- shapes
 
-def bucket(n: int, cap: int | None = None, minimum: int = MIN_BUCKET) -> int:
-    """The padded length of a row of ``n`` tokens: the next power of two ≥ max(n, minimum),
-    capped at ``cap`` (``n`` must not exceed ``cap``)."""
-    if cap is not None and n > cap:
-        raise ValueError(f"a row of {n} tokens exceeds the cap {cap}")
-    b = max(int(minimum), 1)
-    while b < n:
-        b *= 2
-    return b if cap is None else min(b, int(cap))
+#: The padded length of a row of ``n`` tokens (the one bucket rule: data/collate.py).
+bucket = power_of_two_bucket
 
 
 def fill_batch(rows: Sequence, batch_size: int) -> list:

@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deltamem_jax.data.collate import MIN_BUCKET, power_of_two_bucket
 from deltamem_jax.inference.generation import SamplingConfig, generate
 from deltamem_jax.inference.snapshot import (
     SNAPSHOT_FORMAT,
@@ -69,7 +70,6 @@ from deltamem_jax.models.functional import Runner
 __all__ = ["SNAPSHOT_FORMAT", "SNAPSHOT_VERSION", "Pass", "PassResult", "PendingReply",
            "Session", "SnapshotError"]
 
-_MIN_BUCKET = 16
 _ROUND = 64
 
 
@@ -200,7 +200,7 @@ class Session:
     def required_capacity(window: int | None, max_new_tokens: int, chunk: int) -> int:
         """The cache length a session needs for ``window`` tokens plus a reply of
         ``max_new_tokens`` and one padded chunk (with ``window=None``: a first size)."""
-        reserve = max(max_new_tokens + _MIN_BUCKET, chunk)
+        reserve = max(max_new_tokens + MIN_BUCKET, chunk)
         return _round_up((window if window is not None else 4 * chunk) + reserve)
 
     # ------------------------------------------------------------------ state
@@ -582,10 +582,7 @@ class Session:
         return self._put(self.runner.init_cache(1, self._capacity))
 
     def _bucket(self, n: int) -> int:
-        b = _MIN_BUCKET
-        while b < n:
-            b *= 2
-        return min(b, max(self.chunk, n))
+        return power_of_two_bucket(n, cap=max(self.chunk, n))
 
     def _run(self, ids: Sequence[int], *, write: bool, record: bool = True):
         """One model pass over ``ids`` (≤ chunk), right-padded to a bucket length."""
