@@ -23,11 +23,10 @@ _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _CALLS = re.compile(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-, %]+)\}?")
 
 
-def serial_depth(hlo_text: str) -> int:
-    """Dependent loop iterations of an HLO module (1 for a loop-free program)."""
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+    """The body lines of every computation of an HLO module, and the entry's name."""
     comps: dict[str, list[str]] = {}
-    entry = None
-    current = None
+    entry = current = None
     for line in hlo_text.splitlines():
         m = _COMPUTATION.match(line.strip())
         if m and "=" not in line.split("{")[0].split("(")[0]:
@@ -38,6 +37,12 @@ def serial_depth(hlo_text: str) -> int:
             continue
         if current is not None:
             comps[current].append(line)
+    return comps, entry
+
+
+def serial_depth(hlo_text: str) -> int:
+    """Dependent loop iterations of an HLO module (1 for a loop-free program)."""
+    comps, entry = _computations(hlo_text)
     if entry is None:
         return 1
 
@@ -120,24 +125,19 @@ def loop_flops(hlo_text: str) -> float:
 
     A loop without a known trip count is counted once (as XLA does).
     """
-    comps: dict[str, list] = {}
-    shapes: dict[str, str] = {}
-    entry = current = None
-    for line in hlo_text.splitlines():
-        m = _COMPUTATION.match(line.strip())
-        if m and "=" not in line.split("{")[0].split("(")[0]:
-            current = m.group(1)
-            comps[current] = []
-            if line.lstrip().startswith("ENTRY"):
-                entry = current
-            continue
-        m = _INSTR.match(line)
-        if m and current is not None:
-            shape, opcode, operands, attrs = _split_instruction(m.group(2))
-            shapes[m.group(1)] = shape
-            comps[current].append((shape, opcode, operands, attrs))
+    lines, entry = _computations(hlo_text)
     if entry is None:
         return 0.0
+    comps: dict[str, list] = {}
+    shapes: dict[str, str] = {}
+    for name, body in lines.items():
+        comps[name] = []
+        for line in body:
+            m = _INSTR.match(line)
+            if m:
+                shape, opcode, operands, attrs = _split_instruction(m.group(2))
+                shapes[m.group(1)] = shape
+                comps[name].append((shape, opcode, operands, attrs))
 
     memo: dict[str, float] = {}
 
