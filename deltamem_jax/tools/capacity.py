@@ -1,7 +1,8 @@
 """Capacity study: δ-mem recall vs the number of facts written, by rank and write mode.
 
-``python -m deltamem_jax.tools.capacity --backbone runs/demo/backbone --workdir runs/capacity``
-trains δ-mem on the frozen demo backbone once per (rank, write granularity) on
+``python -m deltamem_jax.tools.capacity --backbone runs/demo_tiny/backbone --workdir runs/capacity``
+(a byte-level backbone, e.g. from ``deltamem-demo --backbone tiny --workdir runs/demo_tiny``)
+trains δ-mem on that frozen backbone once per (rank, write granularity) on
 synthetic chats holding ``--train-facts`` facts (default 1–2, the demo's), then scores exact
 match on test sets with exactly n facts for each n in ``--facts``. The full-context
 row is the backbone's own in-context recall on the same tests. Writes
@@ -159,7 +160,8 @@ def run(backbone: str, workdir: str, *, ranks=(4, 8, 16), writes=("token", "mess
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backbone", required=True, help="a frozen backbone dir (the demo's)")
+    p.add_argument("--backbone", required=True,
+                   help="a frozen byte-level backbone dir (deltamem-demo --backbone tiny)")
     p.add_argument("--workdir", default="runs/capacity")
     p.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--writes", nargs="+", default=list(WRITE_MODES), choices=list(WRITE_MODES))

@@ -169,9 +169,12 @@ def demo_training_config(cfg: DemoConfig, backbone: str, data_dir: str):
 
 
 def demo_layers(cfg: DemoConfig, backbone: str) -> tuple[int, ...]:
-    """The layers that get δ-mem: ``cfg.target_layers``, or the top third of the backbone."""
+    """The layers that get δ-mem: ``cfg.target_layers``, else the top third of a pretrained
+    backbone (every layer of the tiny one)."""
     if cfg.target_layers is not None:
         return tuple(cfg.target_layers)
+    if cfg.backbone == TINY:                    # 2 layers: memory on both
+        return ()
     import json
     with open(os.path.join(backbone, "config.json")) as f:
         n = int(json.load(f)["num_hidden_layers"])
