@@ -24,6 +24,7 @@ _EXPORTS = {
     "Runner": "deltamem_jax.models.functional",
     "load_hf_model": "deltamem_jax.checkpoints.hf", "save_hf_model": "deltamem_jax.checkpoints.hf",
     "load_config": "deltamem_jax.checkpoints.hf",
+    "load_pretrained": "deltamem_jax.checkpoints.pretrained",
     "smollm2_gguf_path": "deltamem_jax.checkpoints.gguf",
     "convert_gguf": "deltamem_jax.checkpoints.gguf_export",
     "load_adapter": "deltamem_jax.checkpoints.adapters",
