@@ -259,6 +259,27 @@ def test_locomo_end_to_end(mem_runner, tok, locomo_conv, tmp_path):
     assert write_report(rows, tmp_path, "locomo")["json"].is_file()
 
 
+def test_locomo_written_cache_writes_each_conversation_once(mem_runner, tok, locomo_conv,
+                                                           monkeypatch):
+    """Questions evaluated in two calls sharing ``written`` get the answers of one call, and
+    the history is written only by the first."""
+    kw = dict(settings=("delta_mem",), batch_size=4, max_new_tokens=8, max_write_length=128,
+              min_bucket=512, progress=False)
+    whole = locomo_eval.evaluate_locomo(mem_runner, tok, [locomo_conv], **kw)
+    calls = []
+    real = locomo_eval.write_memory
+    monkeypatch.setattr(locomo_eval, "write_memory",
+                        lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    written: dict = {}
+    qs = locomo_conv.questions
+    parts = [locomo_eval.evaluate_locomo(
+        mem_runner, tok, [dataclasses.replace(locomo_conv, questions=half)], written=written,
+        **kw) for half in (qs[:3], qs[3:])]
+    assert calls == [1] and set(written) == {locomo_conv.sample_id}
+    split = [e["predictions"]["delta_mem"] for p in parts for e in p["examples"]]
+    assert split == [e["predictions"]["delta_mem"] for e in whole["examples"]]
+
+
 def test_locomo_full_context_fit(tok, locomo_conv):
     # a budget that fits the latest session but not both: the oldest goes
     qs = locomo_conv.questions

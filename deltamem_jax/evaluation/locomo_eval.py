@@ -26,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import jax.numpy as jnp
+
 from deltamem_jax.data.tokenizer import Tokenizer
 from deltamem_jax.evaluation import locomo as L
 from deltamem_jax.evaluation.prompts import (
@@ -129,8 +131,13 @@ def evaluate_locomo(runner: Runner, tokenizer: Tokenizer,
                     order: str = "latest_first", write_during_read: bool = False,
                     carry_cache: bool = True, write_batch_size: int = 1,
                     score_adversarial: bool = False, min_bucket: int = MIN_BUCKET,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, written: dict | None = None) -> dict:
     """F1 per LoCoMo category and overall for each setting (see the module doc).
+
+    ``written``: a cache of each conversation's written state (``sample_id`` → ``[L, 1, H, r,
+    r]``), read and filled here, so that a caller evaluating a conversation's questions in
+    several calls writes its history once (each conversation is written alone, so the state
+    does not depend on which call wrote it).
 
     ``max_questions``: per conversation, after the ``categories`` filter (file order).
     The memory write granularity is the model's (``memory_write_granularity``).
@@ -175,11 +182,21 @@ def evaluate_locomo(runner: Runner, tokenizer: Tokenizer,
     try:
         if "delta_mem" in settings:
             bar.set_description("locomo delta_mem (write)")
-            segments = [locomo_write_segment(tokenizer, c, system_prompt=system_prompt,
-                                             sentence_ids=span == "sentence_mean") for c in convs]
-            states = write_memory(runner, segments, max_write_length=max_write_length,
-                                  batch_size=write_batch_size, carry_cache=carry_cache,
-                                  min_bucket=min_bucket, on_batch=bar.update)
+            cache = {} if written is None else written
+            todo = [c for c in convs if c.sample_id not in cache]
+            if todo:
+                if written is not None and write_batch_size != 1:
+                    raise ValueError("a shared `written` cache needs write_batch_size=1")
+                segments = [locomo_write_segment(tokenizer, c, system_prompt=system_prompt,
+                                                 sentence_ids=span == "sentence_mean")
+                            for c in todo]
+                fresh = write_memory(runner, segments, max_write_length=max_write_length,
+                                     batch_size=write_batch_size, carry_cache=carry_cache,
+                                     min_bucket=min_bucket, on_batch=bar.update)
+                for j, c in enumerate(todo):
+                    cache[c.sample_id] = take_rows(fresh, [j])
+            bar.update(len(convs) - len(todo))
+            states = jnp.concatenate([cache[c.sample_id] for c in convs], axis=1)
         for setting in settings:
             bar.set_description(f"locomo {setting}")
             at = 0

@@ -67,6 +67,7 @@ class LocomoTask(Task):
         self.decoding = resolve_decoding(s, default)
         self._count = None
         self._memo: dict = {}
+        self._written: dict = {}           # memory_only: sample_id -> written state
         self._prefix_memos: dict = {}      # prefix group -> the last prefilled prefix
         self._ids: dict = {}
 
@@ -208,7 +209,7 @@ class LocomoTask(Task):
             recent_window_tokens=s.locomo.recent_window_tokens,
             max_write_length=s.data.write_pass_length or s.data.max_write_length,
             write_during_read=s.write_during_read, score_adversarial=s.locomo.score_adversarial,
-            progress=False)
+            progress=False, written=self._written)
         by_key = {(e["sample_id"], e["qa_index"]): e for e in res["examples"]}
         out = []
         for i in indices:
