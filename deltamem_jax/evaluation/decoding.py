@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deltamem_jax.inference.generation import decode_loop
+from deltamem_jax.inference.generation import SamplingConfig, decode_loop
 from deltamem_jax.models.cache import KVCache
 from deltamem_jax.models.functional import Runner
 
@@ -29,19 +29,9 @@ __all__ = ["Decoding", "broadcast_rows", "decode", "prefill", "row_keys", "warp_
 
 
 @dataclasses.dataclass(frozen=True)
-class Decoding:
-    """How tokens are picked: ``temperature == 0`` is greedy (top-k / top-p then unused)."""
-
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_k: int = 0           # 0 = off
-    top_p: float = 1.0       # 1 = off
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"bad sampling parameters {self}")
+class Decoding(SamplingConfig):
+    """How evaluation picks tokens: :class:`SamplingConfig`'s fields and checks (``temperature
+    == 0`` is greedy; top-k / top-p then unused)."""
 
     @property
     def greedy(self) -> bool:
